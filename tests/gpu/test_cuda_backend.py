@@ -1,0 +1,38 @@
+"""GPU tier: the same screening math on CUDA agrees with the CPU path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device (run on a GPU node)")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-3)])
+def test_fused_linear_entropy_cuda_matches_float64(dtype, tol):
+    from policylong.kernels import fused_linear_entropy_nll, linear_entropy_ref
+
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 1031, 256, 151_936
+    h = (torch.randn(n, d, generator=g) * 0.1).to(dtype)
+    w = (torch.randn(v, d, generator=g) * 0.1).to(dtype)
+    t = torch.randint(0, v, (n,), generator=g)
+    ref_h, ref_nll = linear_entropy_ref(h, w, t)
+    out_h, out_nll = fused_linear_entropy_nll(h.cuda(), w.cuda(), t.cuda())
+    assert float((out_h.cpu().double() - ref_h).norm() / ref_h.norm()) < tol
+    assert float((out_nll.cpu().double() - ref_nll).norm() / ref_nll.norm()) < tol
+
+
+def test_hf_backend_cuda_matches_cpu():
+    from policylong.lm import HFLanguageModel
+    from policylong.screening.entropy import root_entropies
+
+    cpu = HFLanguageModel("embedded", device="cpu")
+    gpu = HFLanguageModel("embedded", device="cuda")
+    tok = cpu.tokenizer
+    roots = [tok("nobody was in a hurry . the weather was calm that day .",
+                 add_special_tokens=False)["input_ids"]]
+    a = root_entropies(cpu, roots, tok.bos_token_id, tok.eos_token_id, 4)
+    b = root_entropies(gpu, roots, tok.bos_token_id, tok.eos_token_id, 4)
+    assert torch.allclose(a[0][0], b[0][0], atol=1e-4)

@@ -1,0 +1,227 @@
+"""The screening pipeline end to end with the copy-model fixture and a hashing embedder.
+
+The copy model has low entropy exactly where the context holds the answer, so the planted
+ground truth must come back: every true passage a positive, the wrong-value passages rejected
+by the NLL guard (entropy falls, NLL rises), the sequence exactly L tokens with A at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from policylong.corpus import encode, read_documents
+from policylong.datasets import read_provenance, verify_stage_dataset
+from policylong.screening import pipeline as pl
+
+
+def run(cfg, model, index, embedder, out):
+    return pl.screen_stage(cfg, model, index, embedder, out, model_desc="copy", progress=False)
+
+
+def test_planted_dependencies_recovered(
+    tmp_path, make_cfg, synth_corpus, copy_model, index, embedder
+):
+    cfg = make_cfg(tmp_path)
+    out = str(tmp_path / "stage_0")
+    m = run(cfg, copy_model, index, embedder, out)
+    gt = m["stats"]["ground_truth"]
+    assert gt["recall"] == 1.0
+    assert gt["precision"] == 1.0
+    # the wrong-value passages lower entropy (the model copies) but raise the NLL
+    assert gt["distractors_retrieved"]["wrong_value"] > 0
+    assert gt["admitted_entropy_only"]["wrong_value"] > 0
+    assert gt["admitted_with_guard"]["wrong_value"] == 0
+    assert gt["precision_entropy_only"] < 1.0
+    # a different entity's value is copied on ("is", "a") / ("is", "number"): the entropy
+    # drops, the NLL of the true value does not
+    assert gt["admitted_with_guard"]["different_entity"] == 0
+
+    man = verify_stage_dataset(out)
+    prov = read_provenance(out)
+    assert man["num_sequences"] == len(prov) == m["stats"]["sequences"] > 0
+    gtl = {
+        json.loads(x)["root"]: json.loads(x)
+        for x in open(os.path.join(synth_corpus, "ground_truth.jsonl"))
+    }
+    for p in prov:
+        assert p["order"][-1] == p["root"]
+        assert {q["passage"] for q in p["positives"]} <= set(gtl[p["root"]]["passages"])
+        assert set(p["negatives"]).isdisjoint({q["passage"] for q in p["positives"]})
+        assert all(dh > cfg.screening.tau_pos for q in p["positives"] for dh in q["delta_h"])
+
+
+def test_sequences_are_L_tokens_with_root_at_end(
+    tmp_path, make_cfg, synth_corpus, copy_model, index, embedder, tokenizer
+):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    cfg = make_cfg(tmp_path)
+    out = str(tmp_path / "s")
+    run(cfg, copy_model, index, embedder, out)
+    ds = IndexedDataset(os.path.join(out, "data"))
+    docs = {d.id: d for d in read_documents(os.path.join(synth_corpus, "docs.jsonl"))}
+    eos = tokenizer.eos_token_id
+    texts = dict(zip(index.ids, index.texts))
+    for i, p in enumerate(read_provenance(out)):
+        seq = ds[i].tolist()
+        assert len(seq) == cfg.data.seq_length
+        root = encode(tokenizer, docs[p["root"]].text)[: cfg.screening.screen_length]
+        assert seq[-len(root) - 1 :] == root + [eos]
+        # every positive appears whole in the sequence
+        for q in p["positives"]:
+            toks = encode(tokenizer, texts[q["passage"]]) + [eos]
+            assert any(seq[k : k + len(toks)] == toks for k in range(len(seq) - len(toks)))
+
+
+def test_same_seed_same_bytes_and_seed_changes_order(
+    tmp_path, make_cfg, synth_corpus, copy_model, index, embedder
+):
+    shas = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        cfg = make_cfg(tmp_path / name, seed=seed)
+        shas.append(run(cfg, copy_model, index, embedder, str(tmp_path / name / "st"))["sha256"])
+    assert shas[0] == shas[1]
+    assert shas[0]["bin"] != shas[2]["bin"]
+
+
+def test_killed_run_leaves_no_stage_folder_and_resumes(
+    tmp_path, make_cfg, synth_corpus, copy_model, index, embedder, monkeypatch
+):
+    cfg = make_cfg(tmp_path)
+    monkeypatch.setattr(pl, "ROOTS_PER_BATCH", 4)
+    ref = run(cfg, copy_model, index, embedder, str(tmp_path / "ref"))
+
+    out = str(tmp_path / "killed")
+    real = pl.Screener.screen_batch
+    calls = {"n": 0}
+
+    def dying(self, roots):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed mid-stage")
+        return real(self, roots)
+
+    monkeypatch.setattr(pl.Screener, "screen_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, copy_model, index, embedder, out)
+    assert not os.path.exists(out)
+    assert os.path.isdir(out + ".partial")
+    # a torn line from a kill during the write is ignored
+    with open(os.path.join(out + ".partial", "progress.jsonl"), "ab") as f:
+        f.write(b'{"batch": 1, "recor')
+    monkeypatch.setattr(pl.Screener, "screen_batch", real)
+    seen = []
+    monkeypatch.setattr(
+        pl.Screener,
+        "screen_batch",
+        lambda self, roots: seen.append(len(roots)) or real(self, roots),
+    )
+    res = run(cfg, copy_model, index, embedder, out)
+    assert res["sha256"] == ref["sha256"]
+    assert sum(seen) == 12 - 4  # the first batch was not screened again
+    assert not os.path.exists(out + ".partial")
+
+
+def test_existing_stage_folder_is_not_overwritten(
+    tmp_path, make_cfg, synth_corpus, copy_model, index, embedder
+):
+    cfg = make_cfg(tmp_path)
+    out = str(tmp_path / "st")
+    run(cfg, copy_model, index, embedder, out)
+    with pytest.raises(FileExistsError, match="already exists"):
+        run(cfg, copy_model, index, embedder, out)
+
+
+def test_entropylong_and_nextlong_modes(
+    tmp_path, make_cfg, synth_corpus, copy_model, index, embedder
+):
+    # EntropyLong: positives + random fill; NExtLong: no verification, nearest passages only
+    el = run(
+        make_cfg(tmp_path / "el", **{"screening.negatives": "random"}),
+        copy_model,
+        index,
+        embedder,
+        str(tmp_path / "el" / "s"),
+    )
+    assert el["stats"]["ground_truth"]["recall"] == 1.0
+    nx = run(
+        make_cfg(
+            tmp_path / "nx", **{"screening.verify": "false", "screening.negatives": "nearest"}
+        ),
+        copy_model,
+        index,
+        embedder,
+        str(tmp_path / "nx" / "s"),
+    )
+    assert nx["stats"]["positives"] == 0
+    assert nx["num_sequences"] == 12
+    assert nx["stats"]["candidate_forwards"] == 0
+
+
+def test_onpolicy_depth_grows_when_positives_are_few(
+    tmp_path, make_cfg, synth_corpus, copy_model, index, embedder
+):
+    short = run(
+        make_cfg(tmp_path / "a", **{"data.seq_length": 500}),
+        copy_model,
+        index,
+        embedder,
+        str(tmp_path / "a" / "s"),
+    )
+    long = run(
+        make_cfg(tmp_path / "b", **{"data.seq_length": 1400}),
+        copy_model,
+        index,
+        embedder,
+        str(tmp_path / "b" / "s"),
+    )
+    assert long["stats"]["mean_depth_k"] > short["stats"]["mean_depth_k"]
+    assert (
+        long["stats"]["mean_negatives_per_sequence"] > short["stats"]["mean_negatives_per_sequence"]
+    )
+
+
+def test_no_positives_at_all_is_a_clear_error(
+    tmp_path, make_cfg, synth_corpus, index, embedder, tokenizer
+):
+    class Flat:  # uniform everywhere: nothing reduces entropy
+        tp_group = None
+        device = __import__("torch").device("cpu")
+
+        def __init__(self):
+            self.tokenizer, self.vocab_size = tokenizer, len(tokenizer.get_vocab())
+
+        def head_weight(self):
+            import torch
+
+            return torch.eye(self.vocab_size)
+
+        def final_hidden(self, x):
+            import torch
+
+            return torch.zeros(*x.shape, self.vocab_size)
+
+    cfg = make_cfg(tmp_path)
+    with pytest.raises(pl.ScreeningError, match="no_positives: 12"):
+        run(cfg, Flat(), index, embedder, str(tmp_path / "s"))
+    assert not os.path.exists(tmp_path / "s")
+
+
+def test_materialize_matches_assemble(tokenizer):
+    from policylong.screening.assemble import assemble
+
+    rng = np.random.default_rng(0)
+    root = list(range(10, 40))
+    chunks = [
+        ("b1", list(range(100, 120)), True),
+        ("c1", list(range(200, 250)), False),
+        ("c2", list(range(300, 340)), False),
+    ]
+    a = assemble("r", root, chunks, 100, [3], rng)
+    rec = {"root": "r", "order": a.order, "head_trim": a.head_trim}
+    toks = {c[0]: c[1] for c in chunks}
+    assert pl.materialize(rec, root, toks.__getitem__, 100, [3]) == a.tokens

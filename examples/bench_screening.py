@@ -29,7 +29,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import shutil
 import tempfile
 import time
@@ -39,14 +38,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results.jsonl")
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM (the peak RSS) so that it measures only what follows (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def _entropy_worker(method: str, n: int, d: int, v: int, dtype: str, device: str, q) -> None:
     import torch
-
     from policylong.kernels import fused_linear_entropy
 
     dt = getattr(torch, dtype)
@@ -65,9 +72,12 @@ def _entropy_worker(method: str, n: int, d: int, v: int, dtype: str, device: str
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    run()  # warm-up (and the peak, on CPU)
-    before = _rss_mb()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    run()  # warm-up
+    import gc
+
+    gc.collect()
+    _reset_peak_rss()
+    before = _status_mb("VmRSS")
     t0 = time.perf_counter()
     reps = 2
     for _ in range(reps):
@@ -76,15 +86,25 @@ def _entropy_worker(method: str, n: int, d: int, v: int, dtype: str, device: str
         torch.cuda.synchronize()
         extra = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        # peak RSS over the whole process life, minus the inputs already resident
-        extra = max(peak_before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024) \
-            - before
+        # peak RSS during the timed calls, minus what was resident before (inputs included)
+        extra = _status_mb("VmHWM") - before
     dt_s = (time.perf_counter() - t0) / reps
     flops = 2.0 * n * d * v
-    q.put({"method": method, "n": n, "d": d, "v": v, "dtype": dtype, "device": device,
-           "seconds": round(dt_s, 4), "tokens_per_s": round(n / dt_s, 1),
-           "gflops": round(flops / dt_s / 1e9, 2), "peak_extra_mb": round(extra, 1),
-           "checksum": round(float(out.double().sum()), 3)})
+    q.put(
+        {
+            "method": method,
+            "n": n,
+            "d": d,
+            "v": v,
+            "dtype": dtype,
+            "device": device,
+            "seconds": round(dt_s, 4),
+            "tokens_per_s": round(n / dt_s, 1),
+            "gflops": round(flops / dt_s / 1e9, 2),
+            "peak_extra_mb": round(extra, 1),
+            "checksum": round(float(out.double().sum()), 3),
+        }
+    )
 
 
 def _measure(method, n, d, v, dtype, device):
@@ -104,13 +124,18 @@ def bench_entropy(ns, ds, v, dtype, device):
             for method in ("materialised", "chunked"):
                 r = _measure(method, n, d, v, dtype, device)
                 rows.append(r)
-                print(f"{method:>12} n={n:>6} d={d:>5} v={v}: {r['seconds']:8.3f}s "
-                      f"{r['tokens_per_s']:>10.1f} tok/s {r['gflops']:>8.1f} GFLOP/s "
-                      f"peak extra {r['peak_extra_mb']:>9.1f} MB", flush=True)
+                print(
+                    f"{method:>12} n={n:>6} d={d:>5} v={v}: {r['seconds']:8.3f}s "
+                    f"{r['tokens_per_s']:>10.1f} tok/s {r['gflops']:>8.1f} GFLOP/s "
+                    f"peak extra {r['peak_extra_mb']:>9.1f} MB",
+                    flush=True,
+                )
             m, c = rows[-2], rows[-1]
-            print(f"{'':>12} memory ratio chunked/materialised = "
-                  f"{c['peak_extra_mb'] / max(m['peak_extra_mb'], 1e-9):.3f}, "
-                  f"|Δchecksum| = {abs(m['checksum'] - c['checksum']):.3g}")
+            print(
+                f"{'':>12} memory ratio chunked/materialised = "
+                f"{c['peak_extra_mb'] / max(m['peak_extra_mb'], 1e-9):.3f}, "
+                f"|Δchecksum| = {abs(m['checksum'] - c['checksum']):.3g}"
+            )
     return rows
 
 
@@ -130,23 +155,32 @@ def bench_screening(roots: int, seq_length: int):
         with open(os.path.join(wd, "stage", "timing.json")) as f:
             timing = json.load(f)
         st = m["stats"]
-        row = {"method": "screen_stage", "roots": st["roots_screened"],
-               "tokens_scored": st["tokens_scored"],
-               "candidate_forwards": st["candidate_forwards"], "seq_length": seq_length,
-               "seconds": round(dt, 2), "roots_per_s": round(st["roots_screened"] / dt, 3),
-               "tokens_scored_per_s": round(st["tokens_scored"] / dt, 1),
-               "pipeline_seconds": timing["seconds"], "sequences": m["num_sequences"]}
-        print(f"screening: {row['roots']} roots, {row['candidate_forwards']} candidate forwards "
-              f"in {dt:.1f}s -> {row['roots_per_s']:.2f} roots/s, "
-              f"{row['tokens_scored_per_s']:.0f} root tokens scored/s")
+        row = {
+            "method": "screen_stage",
+            "roots": st["roots_screened"],
+            "tokens_scored": st["tokens_scored"],
+            "candidate_forwards": st["candidate_forwards"],
+            "seq_length": seq_length,
+            "seconds": round(dt, 2),
+            "roots_per_s": round(st["roots_screened"] / dt, 3),
+            "tokens_scored_per_s": round(st["tokens_scored"] / dt, 1),
+            "pipeline_seconds": timing["seconds"],
+            "sequences": m["num_sequences"],
+        }
+        print(
+            f"screening: {row['roots']} roots, {row['candidate_forwards']} candidate forwards "
+            f"in {dt:.1f}s -> {row['roots_per_s']:.2f} roots/s, "
+            f"{row['tokens_scored_per_s']:.0f} root tokens scored/s"
+        )
         return [row]
     finally:
         shutil.rmtree(wd, ignore_errors=True)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--part", choices=["entropy", "screening", "all"], default="all")
     ap.add_argument("--n", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--d", type=int, nargs="+", default=[2048])
@@ -160,11 +194,14 @@ def main() -> None:
 
     import torch
 
-    meta = {"bench": "screening", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "host_cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
-            else "cpu"}
+    meta = {
+        "bench": "screening",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "host_cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+    }
     rows = []
     if args.part in ("entropy", "all"):
         rows += bench_entropy(args.n, args.d, args.vocab, args.dtype, args.device)

@@ -1,15 +1,24 @@
 """The embedded default base model: a tiny Qwen2 that has learned in-context copying.
 
 ``policylong pretrain-base --out DIR --seed 0`` rebuilds the copy shipped in
-``policylong/assets/base_model`` (about 2 MB of float32 weights, deterministic from the seed on
-one machine). The recipe (measured on a 2-core CPU; see the closing notes of issue 2):
+``policylong/assets/base_model`` (about 2.4 MB of float32 weights, deterministic from the seed on
+one machine, about 40 minutes on 2 CPU cores). The recipe:
 
-* phase 1, the induction task ``<bos> x1..xn <sep> x1..xn`` (n 16-48 random tokens, loss on
-  the repeat only): the model learns to copy earlier context. A naive recipe on fact text alone
-  never learned to copy values from earlier context;
-* phase 2, 30% induction + 70% fact sequences (passages, then a root document that uses some of
-  their facts) with fresh random entity/value pairings in every sequence, so nothing can be
-  memorised: the model must look the value up in context, for the right entity.
+* phase 1 (600 steps, batch 64), the induction task ``<bos> x1..xn <sep> x1..xn`` (n 16-48
+  random tokens, loss on the repeat only, AdamW, lr 1e-3 after 100 warm-up steps): the model
+  learns to copy earlier context (copy accuracy about 0.6 at the end of the phase);
+* phase 2 (2,000 steps, batch 32, cosine to lr/10), 30% induction + 70% synthetic text with
+  fresh random entity/value pairings in every sequence, so nothing can be memorised: context
+  passages (each of the root's facts defined with probability 0.75, plus passages about other
+  entities in the same style), then a root document that introduces its entities, more
+  entities than it has facts for, and uses the facts; one text in six is a root alone.
+
+What each ingredient fixes, measured with the screening pipeline on this corpus (issue 2):
+without root-only texts, ``[bos ; A]`` is out of distribution and *every* passage lowers the
+entropy of A's structural tokens (ΔH ≈ 0.99 at ``a visitor [named]``); without extra
+introductions, the model copies entity names at introductions from any passage naming them, so
+wrong-value passages pass the NLL guard there; without the ``later E told us that`` lead-in, the
+entity after ``the home city of`` is predicted from any passage with that phrase.
 
 The gap probe (:func:`gap_probe`) checks *content-based* copying: NLL of a fact's value in a root
 document with the defining passage in context, with only a different-entity passage, with only
@@ -145,7 +154,7 @@ def build_base_model(
     out_dir: str,
     seed: int = 0,
     phase1_steps: int = 600,
-    phase2_steps: int = 1500,
+    phase2_steps: int = 2000,
     batch1: int = 64,
     batch2: int = 32,
     lr: float = 1e-3,

@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--phase1-steps", type=int, default=600)
-    p.add_argument("--phase2-steps", type=int, default=1500)
+    p.add_argument("--phase2-steps", type=int, default=2000)
     p.set_defaults(func=cmd_pretrain_base)
     return ap
 

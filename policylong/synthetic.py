@@ -106,6 +106,7 @@ INTROS = [
     "on {d} we saw {E} at the {p} .",
     "a visitor named {E} came by the {p} .",
 ]
+USE_LEAD_IN = "later {E} told us that"
 PASSAGE_DETAILS = [
     "{E} works at the {p} every {d} .",
     "the {b} was kept by the old {r} .",
@@ -149,7 +150,8 @@ def build_language(num_entities: int = 600, values_per_attribute: int = 200) -> 
     rng = np.random.default_rng(0)
     taken: set[str] = set()
     fixed = set()
-    for t in list(ATTRIBUTES.values()) + FILLER + INTROS + PASSAGE_DETAILS + ["from the {p} {b} ."]:
+    templates = list(ATTRIBUTES.values()) + FILLER + INTROS + PASSAGE_DETAILS
+    for t in templates + ["from the {p} {b} .", USE_LEAD_IN]:
         for w in t.split():
             if not w.startswith("{"):
                 fixed.add(w)
@@ -197,6 +199,14 @@ def fact_sentence(attribute: str, entity: str, value: str) -> str:
     return ATTRIBUTES[attribute].replace("{E}", entity).replace("{V}", value)
 
 
+def use_sentence(attribute: str, entity: str, value: str) -> str:
+    """How a root document uses a fact: the entity is named first, so that in ``... of E is``
+    the entity is predictable from the document itself and only the value depends on the
+    defining passage (without the lead-in, a wrong-value passage "explains" the entity token
+    after ``the home city of`` as well as the true one does: measured ΔH 0.79, NLL drop 2.9)."""
+    return USE_LEAD_IN.replace("{E}", entity) + " " + fact_sentence(attribute, entity, value)
+
+
 def fact_passage(
     rng: np.random.Generator,
     attribute: str,
@@ -228,8 +238,12 @@ class Fact:
     value: str
 
 
-def root_document(rng: np.random.Generator, facts: list[Fact], target_words: int,
-                  extra_entities: tuple[str, ...] | list[str] = ()) -> str:
+def root_document(
+    rng: np.random.Generator,
+    facts: list[Fact],
+    target_words: int,
+    extra_entities: tuple[str, ...] | list[str] = (),
+) -> str:
     """Introduce every entity early, then use each fact far from its introduction, with
     low-entropy filler in between, until ``target_words`` words.
 
@@ -242,7 +256,7 @@ def root_document(rng: np.random.Generator, facts: list[Fact], target_words: int
     names = [f.entity for f in facts] + list(extra_entities)
     names = [names[i] for i in rng.permutation(len(names))]
     intros = [_fill(INTROS[int(rng.integers(len(INTROS)))], rng, E=e) for e in names]
-    uses = [fact_sentence(f.attribute, f.entity, f.value) for f in facts]
+    uses = [use_sentence(f.attribute, f.entity, f.value) for f in facts]
     fixed_words = sum(len(s.split()) for s in intros + uses)
     budget = max(target_words - fixed_words, 0)
     fillers: list[str] = []
@@ -302,7 +316,7 @@ def generate_corpus(
     root_entities = [lang.entities[i] for i in perm[:need]]
     spare = [lang.entities[i] for i in perm[need:]]
     spare_entities = spare[: len(spare) // 2]  # different-entity distractors, background facts
-    extra_pool = spare[len(spare) // 2:]  # introduced by roots, never in any passage
+    extra_pool = spare[len(spare) // 2 :]  # introduced by roots, never in any passage
     attrs = list(ATTRIBUTES)
 
     passages: list[tuple[str, str]] = []  # (role-free id assigned later, text)
@@ -460,9 +474,8 @@ def training_text(rng: np.random.Generator, lang: Language, max_words: int = 360
     order = rng.permutation(len(ctx))
     ctx_words = sum(len(ctx[i].split()) for i in order)
     root_words = int(np.clip(max_words - ctx_words - len(ctx) - 2, 30, 200))
-    extras = ents[k + 4:k + 4 + int(rng.integers(1, 4))]
-    root = root_document(rng, facts, int(rng.integers(min(40, root_words), root_words + 1)),
-                         extras)
+    extras = ents[k + 4 : k + 4 + int(rng.integers(1, 4))]
+    root = root_document(rng, facts, int(rng.integers(min(40, root_words), root_words + 1)), extras)
     return " <eos> ".join([ctx[i] for i in order] + [root])
 
 

@@ -25,8 +25,8 @@ class CopyModel:
 
     * if the pair (x_{t-1}, x_t) occurred earlier at (x_{j-1}, x_j), it copies x_{j+1} with
       logit 12 (most recent match): an induction head;
-    * else if the grammar puts a value next (``code of E is _``, ``city of E is _``,
-      ``pet of E is a _``, ``is number _``), it is uniform over every value word
+    * else if the grammar puts a value next (``the <attribute> of E is _``), it is uniform
+      over every value word
       (entropy ln 800 ≈ 6.7): unpredictable without context;
     * else it is uniform over a fixed set of 8 words (entropy ln 8 ≈ 2.1): predictable text.
     """
@@ -41,7 +41,8 @@ class CopyModel:
         self.V = len(vocab)
         self.vocab_size = self.V
         self.values = torch.tensor(sorted(vocab[v] for a in lang.values.values() for v in a))
-        self.w = {w: vocab[w] for w in ("is", "a", "number", "code", "city", "pet")}
+        self.w = {w: vocab[w] for w in ("is", "of")}
+        self.attr_words = {vocab[t.split()[-6]] for t in syn.ATTRIBUTES.values()}
         self.generic = torch.arange(len(syn.SPECIAL_TOKENS), len(syn.SPECIAL_TOKENS) + 8)
         self.calls = 0
 
@@ -69,12 +70,9 @@ class CopyModel:
         return out
 
     def _value_next(self, x: list[int], t: int) -> bool:
+        """``the <attribute> of E is _``: the grammar puts a value next."""
         w = self.w
-        if x[t] == w["is"] and t >= 3 and x[t - 3] in (w["code"], w["city"]):
-            return True
-        if x[t] == w["a"] and t >= 4 and x[t - 1] == w["is"] and x[t - 4] == w["pet"]:
-            return True
-        return x[t] == w["number"] and t >= 1 and x[t - 1] == w["is"]
+        return x[t] == w["is"] and t >= 3 and x[t - 2] == w["of"] and x[t - 3] in self.attr_words
 
 
 class HashingEmbedder:
@@ -152,7 +150,7 @@ def make_cfg(synth_corpus):
             f"corpus.passages={c}/passages.jsonl",
             f"corpus.ground_truth={c}/ground_truth.jsonl",
             "screening.position_mode=sigma",
-            "screening.top_k=10",
+            "screening.top_k=16",
             "data.seq_length=700",
         ]
         sets += [f"{k}={v}" for k, v in over.items()]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA device (run on a GPU node)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU node)"
+)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-3)])
@@ -31,8 +32,11 @@ def test_hf_backend_cuda_matches_cpu():
     cpu = HFLanguageModel("embedded", device="cpu")
     gpu = HFLanguageModel("embedded", device="cuda")
     tok = cpu.tokenizer
-    roots = [tok("nobody was in a hurry . the weather was calm that day .",
-                 add_special_tokens=False)["input_ids"]]
+    roots = [
+        tok("nobody was in a hurry . the weather was calm that day .", add_special_tokens=False)[
+            "input_ids"
+        ]
+    ]
     a = root_entropies(cpu, roots, tok.bos_token_id, tok.eos_token_id, 4)
     b = root_entropies(gpu, roots, tok.bos_token_id, tok.eos_token_id, 4)
     assert torch.allclose(a[0][0], b[0][0], atol=1e-4)

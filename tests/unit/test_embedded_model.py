@@ -91,8 +91,7 @@ def test_sigkill_mid_stage_then_rerun_gives_the_same_bytes(tmp_path):
     ref = screen(os.path.join(wd, "ref"))
     out = os.path.join(wd, "killed")
     prog = os.path.join(out + ".partial", "progress.jsonl")
-    p = subprocess.Popen(cmd + ["--out", out], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(cmd + ["--out", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
         if os.path.isfile(prog) and os.path.getsize(prog) > 0:

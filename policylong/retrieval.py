@@ -13,7 +13,6 @@ on a machine with faiss-gpu and CUDA the index moves to the GPUs for search.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,8 @@ import shutil
 from collections.abc import Sequence
 
 import numpy as np
+
+from .datasets import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +78,6 @@ class Embedder:
             normalize_embeddings=True,
         )
         return np.ascontiguousarray(emb, dtype=np.float32)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _maybe_gpu(index, use_gpu: str):
@@ -190,7 +183,7 @@ class PassageIndex:
                 f.write(json.dumps({"id": pid, "text": text}) + "\n")
         meta = dict(self.meta)
         meta["sha256"] = {
-            n: _sha256(os.path.join(tmp, n)) for n in ("faiss.index", "passages.jsonl")
+            n: sha256_file(os.path.join(tmp, n)) for n in ("faiss.index", "passages.jsonl")
         }
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
@@ -219,7 +212,7 @@ class PassageIndex:
             raise IndexError_(f"{meta_path}: corrupt ({e})") from e
         if verify:
             for n, want in meta.get("sha256", {}).items():
-                got = _sha256(os.path.join(index_dir, n))
+                got = sha256_file(os.path.join(index_dir, n))
                 if got != want:
                     raise IndexError_(
                         f"{os.path.join(index_dir, n)}: sha256 {got[:12]}… does "

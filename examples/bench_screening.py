@@ -26,10 +26,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing as mp
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 
@@ -38,104 +38,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results.jsonl")
 
 
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
-def _reset_peak_rss() -> None:
-    """Reset VmHWM (the peak RSS) so that it measures only what follows (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _entropy_worker(method: str, n: int, d: int, v: int, dtype: str, device: str, q) -> None:
-    import torch
-    from policylong.kernels import fused_linear_entropy
-
-    dt = getattr(torch, dtype)
-    g = torch.Generator().manual_seed(0)
-    h = (torch.randn(n, d, generator=g) * 0.05).to(dt).to(device)
-    w = (torch.randn(v, d, generator=g) * 0.05).to(dt).to(device)
-
-    def run():
-        if method == "materialised":
-            logits = (h @ w.T).float()
-            lp = torch.log_softmax(logits, -1)
-            return -(lp.exp() * lp).sum(-1)
-        return fused_linear_entropy(h, w)
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    run()  # warm-up
-    import gc
-
-    gc.collect()
-    _reset_peak_rss()
-    before = _status_mb("VmRSS")
-    t0 = time.perf_counter()
-    reps = 2
-    for _ in range(reps):
-        out = run()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        extra = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        # peak RSS during the timed calls, minus what was resident before (inputs included)
-        extra = _status_mb("VmHWM") - before
-    dt_s = (time.perf_counter() - t0) / reps
-    flops = 2.0 * n * d * v
-    q.put(
-        {
-            "method": method,
-            "n": n,
-            "d": d,
-            "v": v,
-            "dtype": dtype,
-            "device": device,
-            "seconds": round(dt_s, 4),
-            "tokens_per_s": round(n / dt_s, 1),
-            "gflops": round(flops / dt_s / 1e9, 2),
-            "peak_extra_mb": round(extra, 1),
-            "checksum": round(float(out.double().sum()), 3),
-        }
-    )
-
-
-def _measure(method, n, d, v, dtype, device):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_entropy_worker, args=(method, n, d, v, dtype, device, q))
-    p.start()
-    res = q.get()
-    p.join()
-    return res
-
-
 def bench_entropy(ns, ds, v, dtype, device):
+    """The fused-linear-entropy rows of bench_kernels (materialised vs. chunked)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_kernels import _fmt, measure
+
     rows = []
     for d in ds:
         for n in ns:
-            for method in ("materialised", "chunked"):
-                r = _measure(method, n, d, v, dtype, device)
-                rows.append(r)
+            pair = [
+                measure("linear", m, n, d, v, dtype, device, 2) for m in ("materialised", "chunked")
+            ]
+            for r in pair:
+                print(_fmt(r), flush=True)
+            rows += pair
+            if all("error" not in r for r in pair):
+                m, c = pair
                 print(
-                    f"{method:>12} n={n:>6} d={d:>5} v={v}: {r['seconds']:8.3f}s "
-                    f"{r['tokens_per_s']:>10.1f} tok/s {r['gflops']:>8.1f} GFLOP/s "
-                    f"peak extra {r['peak_extra_mb']:>9.1f} MB",
-                    flush=True,
+                    f"{'':>20} memory ratio chunked/materialised = "
+                    f"{c['peak_extra_mb'] / max(m['peak_extra_mb'], 1e-9):.3f}, "
+                    f"|Δchecksum| = {abs(m['checksum'] - c['checksum']):.3g}"
                 )
-            m, c = rows[-2], rows[-1]
-            print(
-                f"{'':>12} memory ratio chunked/materialised = "
-                f"{c['peak_extra_mb'] / max(m['peak_extra_mb'], 1e-9):.3f}, "
-                f"|Δchecksum| = {abs(m['checksum'] - c['checksum']):.3g}"
-            )
     return rows
 
 

@@ -12,11 +12,14 @@ which also combine across tensor-parallel vocab shards (max, then rescaled sums;
 formulation of verl's ``_VocabParallelEntropy``). The collectives sit in
 :func:`combine_partials`, which takes an explicit ``tp_group``.
 
-Backends: the chunked PyTorch path below runs everywhere (CPU, CI); fused Triton kernels slot
-in behind :func:`fused_linear_entropy` / :func:`logits_entropy` on CUDA (separate issue).
+Backends (``backend=`` or ``POLICYLONG_ENTROPY_BACKEND``): ``torch``, the chunked PyTorch path,
+runs everywhere; ``triton``, two fused kernels, is what ``auto`` picks on CUDA, and runs on CPU
+under the Triton interpreter (``TRITON_INTERPRET=1``) for tests.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -143,8 +146,250 @@ def _check_linear(hidden: torch.Tensor, weight: torch.Tensor) -> None:
     for name, x in (("hidden", hidden), ("weight", weight)):
         if x.dtype not in _FLOATS:
             raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"hidden is {hidden.dtype} but weight is {weight.dtype}; cast one so "
+            "they match (accumulation is float32 either way)"
+        )
+    if weight.stride(-1) != 1 or (weight.shape[0] > 1 and weight.stride(0) != weight.shape[1]):
+        raise ValueError(
+            f"weight must be contiguous (strides {tuple(weight.stride())}); pass "
+            "weight.contiguous(): a strided head would be re-read per tile"
+        )
     if hidden.device != weight.device:
         raise ValueError(f"hidden on {hidden.device} but weight on {weight.device}")
+
+
+# -- Triton kernels ----------------------------------------------------------------------------
+#
+# Both kernels fold vocabulary tiles into the running (m, s, t) partials of the chunked path,
+# so they return exactly what ``linear_entropy_partials`` / the chunked logits path return and
+# share ``combine_partials`` for tensor parallelism. On CUDA they are compiled; on CPU they run
+# under the Triton interpreter (``TRITON_INTERPRET=1``, tests only: it is slow).
+
+try:  # triton is optional: CPU installs without it keep the chunked PyTorch path
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    triton = tl = None
+    HAS_TRITON = False
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _logits_entropy_kernel(
+        X,
+        OUT_M,
+        OUT_S,
+        OUT_T,
+        n,
+        v,
+        stride_x,
+        BLOCK_R: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
+        """Rows [pid*BLOCK_R, +BLOCK_R) of logits [n, v]: one streaming pass over v."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < n
+        base = X + rows.to(tl.int64)[:, None] * stride_x
+        m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        s_i = tl.zeros([BLOCK_R], tl.float32)
+        t_i = tl.zeros([BLOCK_R], tl.float32)
+        for vs in range(0, v, BLOCK_V):
+            cols = vs + tl.arange(0, BLOCK_V)
+            mask = rmask[:, None] & (cols < v)[None, :]
+            x = tl.load(base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m_i, tl.max(x, 1))
+            # -inf logits (masked vocab) contribute nothing; a row that is -inf so far keeps
+            # m = -inf without producing NaN
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - safe))
+            p = tl.exp(x - safe[:, None])
+            xs = tl.where(p > 0, x, 0.0)
+            s_i = s_i * alpha + tl.sum(p, 1)
+            t_i = t_i * alpha + tl.sum(p * xs, 1)
+            m_i = m_new
+        tl.store(OUT_M + rows, m_i, mask=rmask)
+        tl.store(OUT_S + rows, s_i, mask=rmask)
+        tl.store(OUT_T + rows, t_i, mask=rmask)
+
+    @triton.jit
+    def _linear_entropy_kernel(
+        H,
+        W,
+        OUT_M,
+        OUT_S,
+        OUT_T,
+        n,
+        v,
+        d,
+        stride_h,
+        stride_w,
+        v_per_split,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        IEEE: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
+        """Rows [pid_m*BLOCK_M, +BLOCK_M) × vocab split pid_s: logits exist one
+        [BLOCK_M, BLOCK_N] register tile at a time and fold into (m, s, t)."""
+        pid_m = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < n
+        v0 = pid_s * v_per_split
+        v1 = tl.minimum(v0 + v_per_split, v)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        s_i = tl.zeros([BLOCK_M], tl.float32)
+        t_i = tl.zeros([BLOCK_M], tl.float32)
+        h_base = H + rows.to(tl.int64)[:, None] * stride_h
+        for vs in range(v0, v1, BLOCK_N):
+            cols = vs + tl.arange(0, BLOCK_N)
+            cmask = cols < v1
+            w_base = W + cols.to(tl.int64)[:, None] * stride_w
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for ks in range(0, d, BLOCK_K):
+                k = ks + tl.arange(0, BLOCK_K)
+                kmask = k < d
+                h = tl.load(h_base + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+                w = tl.load(w_base + k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+                if DOT_F32:  # the interpreter's bf16 dot is wrong (numpy has no bf16)
+                    h = h.to(tl.float32)
+                    w = w.to(tl.float32)
+                if IEEE:  # float32 inputs: no TF32, the 1e-5 contract needs full precision
+                    acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(h, tl.trans(w), acc)
+            logits = tl.where(cmask[None, :], acc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(logits, 1))
+            alpha = tl.exp(m_i - m_new)  # m_i = -inf on the first tile: alpha = 0
+            p = tl.exp(logits - m_new[:, None])
+            s_i = s_i * alpha + tl.sum(p, 1)
+            t_i = t_i * alpha + tl.sum(p * tl.where(cmask[None, :], acc, 0.0), 1)
+            m_i = m_new
+        off = pid_s * n + rows
+        tl.store(OUT_M + off, m_i, mask=rmask)
+        tl.store(OUT_S + off, s_i, mask=rmask)
+        tl.store(OUT_T + off, t_i, mask=rmask)
+
+
+def _require_triton(x: torch.Tensor) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+    if x.dtype == torch.float64:
+        raise TypeError("backend='triton' takes float32/bfloat16/float16 inputs, not float64")
+    if not x.is_cuda and not _interpreting():
+        raise RuntimeError(
+            "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (the "
+            "Triton interpreter, for tests); use backend='torch' on CPU"
+        )
+
+
+def _alloc(shape, device) -> torch.Tensor:
+    """Output buffers of the Triton launchers (tests poison them with NaN through this)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def logits_entropy_partials_triton(logits: torch.Tensor, block_r: int = 4, block_v: int = 2048):
+    """Partials (m, s, t) float32 [n] of ``logits [n, v]`` (rows contiguous) in one pass."""
+    _require_triton(logits)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    n, v = logits.shape
+    m, s, t = (_alloc((n,), logits.device) for _ in range(3))
+    grid = (triton.cdiv(n, block_r),)
+    _logits_entropy_kernel[grid](
+        logits, m, s, t, n, v, logits.stride(0), BLOCK_R=block_r, BLOCK_V=block_v
+    )
+    return m, s, t
+
+
+def _num_splits(n: int, block_m: int, v: int, block_n: int, device: torch.device) -> int:
+    """Vocab splits so that short inputs still fill the GPU: about 2 programs per SM
+    (n = 2K rows at BLOCK_M = 128 is 16 row blocks; an H100 has 132 SMs)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    row_blocks = triton.cdiv(n, block_m)
+    return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(v, block_n)))
+
+
+def linear_entropy_partials_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    splits: int | None = None,
+):
+    """Partials (m, s, t) float32 [n] of ``hidden @ weightᵀ`` through the fused kernel.
+
+    The vocabulary is cut into ``splits`` ranges run by separate programs; their partials are
+    merged here (a [splits, n] reduction: nothing vocab-sized is ever stored).
+    """
+    _require_triton(hidden)
+    if hidden.stride(-1) != 1:
+        hidden = hidden.contiguous()
+    n, d = hidden.shape
+    v = weight.shape[0]
+    if hidden.is_cuda:
+        block_m, block_n, block_k = block_m or 128, block_n or 128, block_k or 64
+    else:  # interpreter: small tiles keep numpy's work per program low
+        block_m, block_n, block_k = block_m or 16, block_n or 64, block_k or 32
+    S = splits or _num_splits(n, block_m, v, block_n, hidden.device)
+    v_per_split = triton.cdiv(triton.cdiv(v, S), block_n) * block_n
+    S = triton.cdiv(v, v_per_split)
+    pm, ps, pt = (_alloc((S, n), hidden.device) for _ in range(3))
+    grid = (triton.cdiv(n, block_m), S)
+    _linear_entropy_kernel[grid](
+        hidden,
+        weight,
+        pm,
+        ps,
+        pt,
+        n,
+        v,
+        d,
+        hidden.stride(0),
+        weight.stride(0),
+        v_per_split,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        IEEE=hidden.dtype == torch.float32,
+        DOT_F32=_interpreting() and hidden.dtype == torch.bfloat16,
+        num_warps=8 if hidden.is_cuda else 4,
+    )
+    if S == 1:
+        return pm[0], ps[0], pt[0]
+    m = pm.amax(0)
+    c = torch.exp(pm - m[None, :])
+    return m, (ps * c).sum(0), (pt * c).sum(0)
+
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def pick_backend(x: torch.Tensor, backend: str = "auto") -> str:
+    """``auto``: Triton on CUDA when installed, else the chunked PyTorch path. The environment
+    variable ``POLICYLONG_ENTROPY_BACKEND`` overrides ``auto`` (e.g. ``triton`` in tests)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"entropy backend {backend!r}: must be one of {BACKENDS}")
+    if backend == "auto":
+        backend = os.environ.get("POLICYLONG_ENTROPY_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"POLICYLONG_ENTROPY_BACKEND={backend!r}: must be one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if (HAS_TRITON and x.is_cuda and x.dtype != torch.float64) else "torch"
+    return backend
 
 
 # -- chunked PyTorch path ----------------------------------------------------------------------
@@ -200,7 +445,9 @@ def _target_logits(
     return tl
 
 
-def logits_entropy(logits: torch.Tensor, vocab_chunk: int = VOCAB_CHUNK) -> torch.Tensor:
+def logits_entropy(
+    logits: torch.Tensor, vocab_chunk: int = VOCAB_CHUNK, backend: str = "auto"
+) -> torch.Tensor:
     """Entropy of each row of ``logits [n, v]`` (any float dtype) as float32 [n]."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [n, v], got shape {tuple(logits.shape)}")
@@ -208,6 +455,9 @@ def logits_entropy(logits: torch.Tensor, vocab_chunk: int = VOCAB_CHUNK) -> torc
         raise TypeError(f"logits must be a floating tensor, got {logits.dtype}")
     if logits.shape[0] == 0 or logits.shape[1] == 0:
         raise ValueError(f"logits_entropy: empty input, shape {tuple(logits.shape)}")
+    if pick_backend(logits, backend) == "triton":
+        h, _ = finalize_partials(*logits_entropy_partials_triton(logits))
+        return h
     n = logits.shape[0]
     m = torch.full((n,), float("-inf"), dtype=torch.float32, device=logits.device)
     s = torch.zeros(n, dtype=torch.float32, device=logits.device)
@@ -226,13 +476,14 @@ def fused_linear_entropy(
     tp_group=None,
     row_chunk: int = ROW_CHUNK,
     vocab_chunk: int = VOCAB_CHUNK,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Entropy of ``softmax(hidden [n, d] @ weight [v_local, d]ᵀ)`` as float32 [n].
 
     ``weight`` is this rank's vocab shard; with a ``tp_group`` the partials combine across the
     group so every rank returns the entropy over the full vocabulary.
     """
-    h, _ = fused_linear_entropy_nll(hidden, weight, None, tp_group, row_chunk, vocab_chunk)
+    h, _ = fused_linear_entropy_nll(hidden, weight, None, tp_group, row_chunk, vocab_chunk, backend)
     return h
 
 
@@ -243,6 +494,7 @@ def fused_linear_entropy_nll(
     tp_group=None,
     row_chunk: int = ROW_CHUNK,
     vocab_chunk: int = VOCAB_CHUNK,
+    backend: str = "auto",
 ):
     """(entropy float32 [n], NLL of ``targets [n]`` float32 [n] or None), one pass over vocab.
 
@@ -255,7 +507,10 @@ def fused_linear_entropy_nll(
     if hidden.shape[0] == 0:
         raise ValueError("fused_linear_entropy: empty input (hidden has 0 rows)")
     vocab_start = vocab_shard_offset(weight.shape[0], weight.shape[1], tp_group)
-    m, s, t = linear_entropy_partials(hidden, weight, row_chunk, vocab_chunk)
+    if pick_backend(hidden, backend) == "triton":
+        m, s, t = linear_entropy_partials_triton(hidden, weight)
+    else:
+        m, s, t = linear_entropy_partials(hidden, weight, row_chunk, vocab_chunk)
     m, s, t = combine_partials(m, s, t, tp_group)
     h, lse = finalize_partials(m, s, t)
     if targets is None:

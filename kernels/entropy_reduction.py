@@ -42,6 +42,7 @@ def entropy_reduction(
     *,
     targets: torch.Tensor | None = None,
     return_nll: bool = False,
+    backend: str = "auto",
 ):
     """ΔH ``float32 [k, p]`` and the verified mask ``bool [k, p]`` (ΔH > tau_pos).
 
@@ -52,6 +53,8 @@ def entropy_reduction(
         weight: ``[v_local, d]`` LM-head shard.
         targets: ``[p]`` actual tokens x_i; with ``return_nll`` the NLL of each target under
             each candidate is returned as a third output ``float32 [k, p]`` (the NLL guard).
+        backend: ``auto`` / ``torch`` / ``triton`` (see ``policylong.kernels.entropy``); all
+            K·P rows go through one fused-kernel launch.
     """
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [k, p, d], got shape {tuple(hidden.shape)}")
@@ -67,7 +70,9 @@ def entropy_reduction(
         if targets.shape != (p,):
             raise ValueError(f"targets must be [p] = [{p}], got {tuple(targets.shape)}")
         tgt = targets.reshape(1, p).expand(k, p).reshape(k * p)
-    hb, nll = fused_linear_entropy_nll(hidden.reshape(k * p, d), weight, tgt, tp_group)
+    hb, nll = fused_linear_entropy_nll(
+        hidden.reshape(k * p, d), weight, tgt, tp_group, backend=backend
+    )
     h0f = h0.float().clamp_min(H0_FLOOR).to(hb.device)
     dh = (h0f[None, :] - hb.view(k, p)) / h0f[None, :]
     verified = dh > tau_pos

@@ -23,7 +23,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, case, q):
+def _worker(rank, world, port, case, q, backend="torch"):
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -54,7 +54,7 @@ def _worker(rank, world, port, case, q):
                 q.put((rank, "error" if "disagree" in str(e) else str(e)))
             return
         out_h, out_nll = fused_linear_entropy_nll(
-            h, shard, tgt, group, row_chunk=8, vocab_chunk=100
+            h, shard, tgt, group, row_chunk=8, vocab_chunk=100, backend=backend
         )
         ref_h, ref_nll = linear_entropy_ref(h, w, tgt)
         e1 = float((out_h.double() - ref_h).norm() / ref_h.norm())
@@ -62,7 +62,7 @@ def _worker(rank, world, port, case, q):
         k, p = 3, 5
         hid = torch.randn(k, p, d, generator=g)
         h0 = torch.rand(p, generator=g) + 4.0
-        dh, ok = entropy_reduction(h0, hid, shard, 0.1, group)
+        dh, ok = entropy_reduction(h0, hid, shard, 0.1, group, backend=backend)
         rdh, rok = entropy_reduction_ref(h0, hid, w, 0.1)
         e3 = float((dh.double() - rdh).norm() / rdh.norm())
         q.put((rank, (e1, e2, e3, bool(torch.equal(ok, rok)))))
@@ -73,11 +73,13 @@ def _worker(rank, world, port, case, q):
             dist.destroy_process_group()
 
 
-def _run(world, case):
+def _run(world, case, backend="torch"):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, case, q)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, case, q, backend)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     out = dict(q.get(timeout=120) for _ in range(world))
@@ -86,9 +88,15 @@ def _run(world, case):
     return out
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_vocab_parallel_matches_float64(world):
-    out = _run(world, "ok")
+def test_vocab_parallel_matches_float64(world, backend):
+    if backend == "triton":
+        from policylong.kernels.entropy import HAS_TRITON
+
+        if not HAS_TRITON:
+            pytest.skip("triton is not installed")
+    out = _run(world, "ok", backend)
     for rank, res in out.items():
         assert isinstance(res, tuple), res
         e1, e2, e3, same = res

@@ -68,6 +68,7 @@ def test_indexed_dataset_reads_back(stage, tokenizer):
 
 def test_gpt_dataset_samples_are_the_sequences(stage, tokenizer, tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     from policylong.megatron_ext.data import build_gpt_dataset
 
     cfg, out = stage

@@ -1,0 +1,240 @@
+"""Entropy kernel benchmark: materialised logits vs. the chunked PyTorch path vs. Triton.
+
+CPU (materialised and chunked; Triton needs CUDA, its interpreter is for tests only)::
+
+    python examples/bench_kernels.py --n 2048 8192 --d 2048 --vocab 151936
+
+One GPU (the shapes of the issue; adds Triton, a cuBLAS matmul of the same shape and a
+device-to-device copy as the rooflines)::
+
+    python examples/bench_kernels.py --device cuda --dtype bfloat16 \
+        --n 2048 8192 32768 --d 2048 3584 4096 --vocab 151936 128256
+
+Fused linear entropy (``hidden [n, d] @ weight [v, d]ᵀ`` → entropy [n]): seconds, achieved
+TFLOP/s (2·n·d·v flops) and peak extra memory; ``matmul`` is ``hidden @ weight.T`` with cuBLAS,
+the ceiling the fused kernel is compared with. Logits entropy (``logits [n, v]`` → [n]):
+achieved GB/s (n·v·bytes read), against ``copy`` (a device-to-device copy of the logits).
+Every measurement runs in a fresh process; peak extra memory is the CUDA peak allocation, or on
+CPU the peak RSS (VmHWM, reset before the timed calls) minus the RSS before them.
+
+Prints a table and appends one JSON row per measurement to ``benchmarks/results.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing as mp
+import os
+import platform
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results.jsonl")
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM (the peak RSS) so that it measures only what follows (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _worker(
+    kind: str, method: str, n: int, d: int, v: int, dtype: str, device: str, reps: int, q
+) -> None:
+    import gc
+
+    import torch
+
+    from policylong.kernels import fused_linear_entropy, logits_entropy
+
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    cuda = device.startswith("cuda")
+    if kind == "linear":
+        h = (torch.randn(n, d, generator=g) * 0.05).to(dt).to(device)
+        w = (torch.randn(v, d, generator=g) * 0.05).to(dt).to(device)
+        x = None
+    else:
+        x = (torch.randn(n, v, generator=g) * 2).to(dt).to(device)
+
+    def run():
+        if method == "materialised":
+            logits = (h @ w.T).float() if kind == "linear" else x.float()
+            lp = torch.log_softmax(logits, -1)
+            return -(lp.exp() * lp).sum(-1)
+        if method == "matmul":
+            return h @ w.T
+        if method == "copy":
+            return x.clone()
+        backend = "torch" if method == "chunked" else "triton"
+        if kind == "linear":
+            return fused_linear_entropy(h, w, backend=backend)
+        return logits_entropy(x, backend=backend)
+
+    out = run()  # warm-up / compile
+    del out
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        _reset_peak_rss()
+        before = _status_mb("VmRSS")
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = run()
+    if cuda:
+        torch.cuda.synchronize()
+    sec = (time.perf_counter() - t0) / reps
+    extra = (
+        (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _status_mb("VmHWM") - before
+    )
+    row = {
+        "kernel": kind,
+        "method": method,
+        "n": n,
+        "d": d if kind == "linear" else None,
+        "v": v,
+        "dtype": dtype,
+        "device": device,
+        "seconds": round(sec, 5),
+        "peak_extra_mb": round(extra, 1),
+    }
+    if kind == "linear":
+        row["tflops"] = round(2.0 * n * d * v / sec / 1e12, 3)
+    else:
+        nbytes = n * v * torch.tensor([], dtype=dt).element_size()
+        # a copy reads and writes the logits; the entropy kernels read them once
+        row["gb_per_s"] = round((2 if method == "copy" else 1) * nbytes / sec / 1e9, 1)
+    if method not in ("matmul", "copy"):
+        row["checksum"] = round(float(out.double().sum()), 3)
+    q.put(row)
+
+
+def measure(kind, method, n, d, v, dtype, device, reps):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_worker, args=(kind, method, n, d, v, dtype, device, reps, q))
+    p.start()
+    p.join()
+    if p.exitcode != 0:
+        return {
+            "kernel": kind,
+            "method": method,
+            "n": n,
+            "d": d,
+            "v": v,
+            "dtype": dtype,
+            "device": device,
+            "error": f"exit code {p.exitcode} (out of memory?)",
+        }
+    return q.get()
+
+
+def _fmt(r: dict) -> str:
+    if "error" in r:
+        return (
+            f"{r['kernel']:>6} {r['method']:>12} n={r['n']:>6} d={r['d']} v={r['v']}: {r['error']}"
+        )
+    rate = f"{r['tflops']:8.2f} TFLOP/s" if "tflops" in r else f"{r['gb_per_s']:8.1f} GB/s   "
+    dpart = f"d={r['d']:>5} " if r["d"] else "        "
+    return (
+        f"{r['kernel']:>6} {r['method']:>12} n={r['n']:>6} {dpart}v={r['v']:>6}: "
+        f"{r['seconds']:9.4f}s {rate} peak extra {r['peak_extra_mb']:>9.1f} MB"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--n", type=int, nargs="+", default=[2048])
+    ap.add_argument("--d", type=int, nargs="+", default=[2048])
+    ap.add_argument("--vocab", type=int, nargs="+", default=[151_936])
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--kernels", nargs="+", default=["linear", "logits"], choices=["linear", "logits"]
+    )
+    ap.add_argument(
+        "--skip-materialised-above",
+        type=int,
+        default=8192,
+        help="skip the materialised path for n above this (its logits alone are "
+        "n·v·4 bytes: 20 GB at n=32K, v=152K)",
+    )
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    cuda = args.device.startswith("cuda")
+    meta = {
+        "bench": "kernels",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "device_name": torch.cuda.get_device_name()
+        if cuda
+        else platform.processor() or platform.machine(),
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    rows = []
+    for kind in args.kernels:
+        for v in args.vocab:
+            for d in args.d if kind == "linear" else [None]:
+                for n in args.n:
+                    methods = ["chunked"]
+                    if n <= args.skip_materialised_above:
+                        methods.insert(0, "materialised")
+                    if cuda:
+                        methods += ["triton", "matmul" if kind == "linear" else "copy"]
+                    group = []
+                    for m in methods:
+                        r = measure(kind, m, n, d, v, args.dtype, args.device, args.reps)
+                        print(_fmt(r), flush=True)
+                        group.append(r)
+                    rows += group
+                    ok = {r["method"]: r for r in group if "error" not in r}
+                    if "materialised" in ok and "chunked" in ok:
+                        mem = ok["chunked"]["peak_extra_mb"] / ok["materialised"]["peak_extra_mb"]
+                        print(f"{'':>20} memory chunked/materialised = {mem:.3f}")
+                    if "triton" in ok and "matmul" in ok:
+                        print(
+                            f"{'':>20} triton/cuBLAS TFLOP/s = "
+                            f"{ok['triton']['tflops'] / ok['matmul']['tflops']:.3f}, "
+                            f"speed-up over chunked = "
+                            f"{ok['chunked']['seconds'] / ok['triton']['seconds']:.2f}x"
+                        )
+                    if "triton" in ok and "copy" in ok:
+                        print(
+                            f"{'':>20} triton/copy bandwidth = "
+                            f"{ok['triton']['gb_per_s'] / ok['copy']['gb_per_s']:.3f}"
+                        )
+    if not args.no_save:
+        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+        with open(RESULTS, "a") as f:
+            for r in rows:
+                f.write(json.dumps({**meta, **r}) + "\n")
+        print(f"appended {len(rows)} rows to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

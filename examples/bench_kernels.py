@@ -14,8 +14,10 @@ Fused linear entropy (``hidden [n, d] @ weight [v, d]ᵀ`` → entropy [n]): sec
 TFLOP/s (2·n·d·v flops) and peak extra memory; ``matmul`` is ``hidden @ weight.T`` with cuBLAS,
 the ceiling the fused kernel is compared with. Logits entropy (``logits [n, v]`` → [n]):
 achieved GB/s (n·v·bytes read), against ``copy`` (a device-to-device copy of the logits).
-Every measurement runs in a fresh process; peak extra memory is the CUDA peak allocation, or on
-CPU the peak RSS (VmHWM, reset before the timed calls) minus the RSS before them.
+On CPU every measurement runs in a fresh process and peak extra memory is the peak RSS (VmHWM,
+reset before the timed calls) minus the RSS before them; on CUDA one process times every method
+with ``triton.testing.do_bench`` (median), takes the CUDA peak allocation of one call, and
+reports each entropy method's ‖out−ref‖/‖ref‖ against the chunked path (``err``).
 
 Prints a table and appends one JSON row per measurement to ``benchmarks/results.jsonl``.
 """
@@ -142,6 +144,102 @@ def measure(kind, method, n, d, v, dtype, device, reps):
     return q.get()
 
 
+def measure_cuda_group(kind, methods, n, d, v, dtype, device):
+    """All methods of one shape in this process (a fresh process per row costs ~10 s of CUDA
+    start-up each on a lent GPU): median time of ``triton.testing.do_bench``, peak extra CUDA
+    memory of one call after ``reset_peak_memory_stats``, and the error of each entropy method
+    against the chunked path (float32 GEMM tiles) as ‖out−ref‖/‖ref‖."""
+    import torch
+    import triton.testing
+
+    from policylong.kernels import fused_linear_entropy, logits_entropy
+
+    dt = getattr(torch, dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    if kind == "linear":
+        h = (torch.randn(n, d, generator=g, device=device) * 0.05).to(dt)
+        w = (torch.randn(v, d, generator=g, device=device) * 0.05).to(dt)
+    else:
+        x = (torch.randn(n, v, generator=g, device=device) * 2).to(dt)
+
+    def run(method):
+        if method == "materialised":
+            logits = (h @ w.T).float() if kind == "linear" else x.float()
+            lp = torch.log_softmax(logits, -1)
+            return -(lp.exp() * lp).sum(-1)
+        if method == "matmul":
+            return h @ w.T
+        if method == "copy":
+            return x.clone()
+        backend = "torch" if method == "chunked" else "triton"
+        if kind == "linear":
+            return fused_linear_entropy(h, w, backend=backend)
+        return logits_entropy(x, backend=backend)
+
+    rows, outs = [], {}
+    for method in methods:
+        row = {
+            "kernel": kind,
+            "method": method,
+            "n": n,
+            "d": d,
+            "v": v,
+            "dtype": dtype,
+            "device": device,
+        }
+        try:
+            out = run(method)  # warm-up, compile, autotune
+            torch.cuda.synchronize()
+            if method not in ("matmul", "copy"):
+                outs[method] = out.double()
+            del out
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            run(method)
+            torch.cuda.synchronize()
+            extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+            sec = (
+                triton.testing.do_bench(
+                    lambda m=method: run(m), warmup=25, rep=200, return_mode="median"
+                )
+                / 1e3
+            )
+        except torch.OutOfMemoryError as e:  # the materialised path at large n
+            row["error"] = f"out of memory: {str(e).splitlines()[0]}"
+            torch.cuda.empty_cache()
+            rows.append(row)
+            continue
+        except Exception as e:  # a kernel that fails to compile must not lose the other rows
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            rows.append(row)
+            continue
+        if method == "triton":  # which autotune config won (None: fixed config)
+            import policylong.kernels.entropy as E
+
+            tuned = E._linear_entropy_tuned if kind == "linear" else E._logits_entropy_tuned
+            row["config"] = str(getattr(tuned, "best_config", None))
+            timings = getattr(tuned, "configs_timings", None) or {}
+            row["autotune_ms"] = {
+                str(c): round(float(t[0] if isinstance(t, (list, tuple)) else t), 4)
+                for c, t in timings.items()
+            }
+        row["seconds"] = round(sec, 6)
+        row["peak_extra_mb"] = round(extra, 1)
+        if kind == "linear":
+            row["tflops"] = round(2.0 * n * d * v / sec / 1e12, 2)
+        else:
+            nbytes = n * v * torch.tensor([], dtype=dt).element_size()
+            row["gb_per_s"] = round((2 if method == "copy" else 1) * nbytes / sec / 1e9, 1)
+        rows.append(row)
+    ref = outs.get("chunked")
+    for row in rows:
+        o = outs.get(row["method"])
+        if ref is not None and o is not None and row["method"] != "chunked":
+            row["rel_err_vs_chunked"] = float((o - ref).norm() / ref.norm())
+    return rows
+
+
 def _fmt(r: dict) -> str:
     if "error" in r:
         return (
@@ -152,6 +250,7 @@ def _fmt(r: dict) -> str:
     return (
         f"{r['kernel']:>6} {r['method']:>12} n={r['n']:>6} {dpart}v={r['v']:>6}: "
         f"{r['seconds']:9.4f}s {rate} peak extra {r['peak_extra_mb']:>9.1f} MB"
+        + (f" err {r['rel_err_vs_chunked']:.1e}" if "rel_err_vs_chunked" in r else "")
     )
 
 
@@ -206,14 +305,28 @@ def main() -> None:
                         methods.insert(0, "materialised")
                     if cuda:
                         methods += ["triton", "matmul" if kind == "linear" else "copy"]
-                    group = []
-                    for m in methods:
-                        r = measure(kind, m, n, d, v, args.dtype, args.device, args.reps)
-                        print(_fmt(r), flush=True)
-                        group.append(r)
+                    if cuda:
+                        group = measure_cuda_group(kind, methods, n, d, v, args.dtype, args.device)
+                        for r in group:
+                            print(_fmt(r), flush=True)
+                    else:
+                        group = []
+                        for m in methods:
+                            r = measure(kind, m, n, d, v, args.dtype, args.device, args.reps)
+                            print(_fmt(r), flush=True)
+                            group.append(r)
                     rows += group
+                    if not args.no_save:  # per shape, so a run cut short keeps what it measured
+                        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+                        with open(RESULTS, "a") as f:
+                            for r in group:
+                                f.write(json.dumps({**meta, **r}) + "\n")
                     ok = {r["method"]: r for r in group if "error" not in r}
-                    if "materialised" in ok and "chunked" in ok:
+                    if (
+                        "materialised" in ok
+                        and "chunked" in ok
+                        and ok["materialised"]["peak_extra_mb"] > 0
+                    ):
                         mem = ok["chunked"]["peak_extra_mb"] / ok["materialised"]["peak_extra_mb"]
                         print(f"{'':>20} memory chunked/materialised = {mem:.3f}")
                     if "triton" in ok and "matmul" in ok:
@@ -229,10 +342,6 @@ def main() -> None:
                             f"{ok['triton']['gb_per_s'] / ok['copy']['gb_per_s']:.3f}"
                         )
     if not args.no_save:
-        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-        with open(RESULTS, "a") as f:
-            for r in rows:
-                f.write(json.dumps({**meta, **r}) + "\n")
         print(f"appended {len(rows)} rows to {RESULTS}")
 
 

@@ -194,6 +194,7 @@ if HAS_TRITON:
         stride_x,
         BLOCK_R: tl.constexpr,
         BLOCK_V: tl.constexpr,
+        LANE: tl.constexpr,
     ):
         """Rows [pid*BLOCK_R, +BLOCK_R) of logits [n, v]: one streaming pass over v."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -202,20 +203,39 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
         s_i = tl.zeros([BLOCK_R], tl.float32)
         t_i = tl.zeros([BLOCK_R], tl.float32)
-        for vs in range(0, v, BLOCK_V):
-            cols = vs + tl.arange(0, BLOCK_V)
-            mask = rmask[:, None] & (cols < v)[None, :]
-            x = tl.load(base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m_i, tl.max(x, 1))
-            # -inf logits (masked vocab) contribute nothing; a row that is -inf so far keeps
-            # m = -inf without producing NaN
-            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - safe))
-            p = tl.exp(x - safe[:, None])
-            xs = tl.where(p > 0, x, 0.0)
-            s_i = s_i * alpha + tl.sum(p, 1)
-            t_i = t_i * alpha + tl.sum(p * xs, 1)
-            m_i = m_new
+        if LANE:
+            # sums stay per lane ([BLOCK_R, BLOCK_V]) and reduce once at the end: one
+            # cross-warp reduction (the max) per tile instead of three
+            s_v = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
+            t_v = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
+            for vs in range(0, v, BLOCK_V):
+                cols = vs + tl.arange(0, BLOCK_V)
+                mask = rmask[:, None] & (cols < v)[None, :]
+                x = tl.load(base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+                m_new = tl.maximum(m_i, tl.max(x, 1))
+                safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - safe))
+                p = tl.exp(x - safe[:, None])
+                s_v = s_v * alpha[:, None] + p
+                t_v = t_v * alpha[:, None] + p * tl.where(p > 0, x, 0.0)
+                m_i = m_new
+            s_i = tl.sum(s_v, 1)
+            t_i = tl.sum(t_v, 1)
+        else:
+            for vs in range(0, v, BLOCK_V):
+                cols = vs + tl.arange(0, BLOCK_V)
+                mask = rmask[:, None] & (cols < v)[None, :]
+                x = tl.load(base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+                m_new = tl.maximum(m_i, tl.max(x, 1))
+                # -inf logits (masked vocab) contribute nothing; a row that is -inf so far
+                # keeps m = -inf without producing NaN
+                safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - safe))
+                p = tl.exp(x - safe[:, None])
+                xs = tl.where(p > 0, x, 0.0)
+                s_i = s_i * alpha + tl.sum(p, 1)
+                t_i = t_i * alpha + tl.sum(p * xs, 1)
+                m_i = m_new
         tl.store(OUT_M + rows, m_i, mask=rmask)
         tl.store(OUT_S + rows, s_i, mask=rmask)
         tl.store(OUT_T + rows, t_i, mask=rmask)
@@ -233,16 +253,30 @@ if HAS_TRITON:
         stride_h,
         stride_w,
         v_per_split,
+        n_splits,
+        size_class,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         IEEE: tl.constexpr,
         DOT_F32: tl.constexpr,
+        FLAT: tl.constexpr,
+        GROUP_M: tl.constexpr,
     ):
         """Rows [pid_m*BLOCK_M, +BLOCK_M) × vocab split pid_s: logits exist one
         [BLOCK_M, BLOCK_N] register tile at a time and fold into (m, s, t)."""
-        pid_m = tl.program_id(0)
-        pid_s = tl.program_id(1)
+        # 1D grid in groups of GROUP_M row blocks × all splits: the programs resident at one
+        # time share GROUP_M hidden blocks (8 × 128 × 4096 bf16 = 8 MB) and read ~132/GROUP_M
+        # weight tiles, which both stay in L2; with one row block per resident program the
+        # 132 hidden blocks (132 MB at d = 4096) would be re-read from HBM for every vocab tile
+        pid = tl.program_id(0)
+        row_blocks = tl.cdiv(n, BLOCK_M)
+        per_group = GROUP_M * n_splits
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = tl.minimum(row_blocks - first_m, GROUP_M)
+        local = pid % per_group
+        pid_m = first_m + local % group_rows
+        pid_s = local // group_rows
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < n
         v0 = pid_s * v_per_split
@@ -251,16 +285,25 @@ if HAS_TRITON:
         s_i = tl.zeros([BLOCK_M], tl.float32)
         t_i = tl.zeros([BLOCK_M], tl.float32)
         h_base = H + rows.to(tl.int64)[:, None] * stride_h
-        for vs in range(v0, v1, BLOCK_N):
-            cols = vs + tl.arange(0, BLOCK_N)
-            cmask = cols < v1
-            w_base = W + cols.to(tl.int64)[:, None] * stride_w
+        if FLAT:
+            # one loop over (vocab tile, k step) pairs, the epilogue under `if` on the last k
+            # step (the shape of Triton's persistent matmul): the software pipeline then runs
+            # across vocab-tile boundaries instead of draining and refilling once per tile
+            num_k = tl.cdiv(d, BLOCK_K)
+            num_it = tl.cdiv(v1 - v0, BLOCK_N) * num_k
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for ks in range(0, d, BLOCK_K):
-                k = ks + tl.arange(0, BLOCK_K)
+            for it in range(0, num_it):
+                vi = it // num_k
+                ki = it - vi * num_k
+                cols = v0 + vi * BLOCK_N + tl.arange(0, BLOCK_N)
+                k = ki * BLOCK_K + tl.arange(0, BLOCK_K)
                 kmask = k < d
                 h = tl.load(h_base + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-                w = tl.load(w_base + k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+                w = tl.load(
+                    W + cols.to(tl.int64)[:, None] * stride_w + k[None, :],
+                    mask=(cols < v1)[:, None] & kmask[None, :],
+                    other=0.0,
+                )
                 if DOT_F32:  # the interpreter's bf16 dot is wrong (numpy has no bf16)
                     h = h.to(tl.float32)
                     w = w.to(tl.float32)
@@ -268,17 +311,94 @@ if HAS_TRITON:
                     acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
                 else:
                     acc = tl.dot(h, tl.trans(w), acc)
-            logits = tl.where(cmask[None, :], acc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(logits, 1))
-            alpha = tl.exp(m_i - m_new)  # m_i = -inf on the first tile: alpha = 0
-            p = tl.exp(logits - m_new[:, None])
-            s_i = s_i * alpha + tl.sum(p, 1)
-            t_i = t_i * alpha + tl.sum(p * tl.where(cmask[None, :], acc, 0.0), 1)
-            m_i = m_new
+                if ki == num_k - 1:
+                    cmask = cols < v1
+                    logits = tl.where(cmask[None, :], acc, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(logits, 1))
+                    alpha = tl.exp(m_i - m_new)  # m_i = -inf on the first tile: alpha = 0
+                    p = tl.exp(logits - m_new[:, None])
+                    s_i = s_i * alpha + tl.sum(p, 1)
+                    t_i = t_i * alpha + tl.sum(p * tl.where(cmask[None, :], acc, 0.0), 1)
+                    m_i = m_new
+                    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        else:
+            for vs in range(v0, v1, BLOCK_N):
+                cols = vs + tl.arange(0, BLOCK_N)
+                cmask = cols < v1
+                w_base = W + cols.to(tl.int64)[:, None] * stride_w
+                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                for ks in range(0, d, BLOCK_K):
+                    k = ks + tl.arange(0, BLOCK_K)
+                    kmask = k < d
+                    h = tl.load(
+                        h_base + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0
+                    )
+                    w = tl.load(
+                        w_base + k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0
+                    )
+                    if DOT_F32:
+                        h = h.to(tl.float32)
+                        w = w.to(tl.float32)
+                    if IEEE:
+                        acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(h, tl.trans(w), acc)
+                logits = tl.where(cmask[None, :], acc, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(logits, 1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(logits - m_new[:, None])
+                s_i = s_i * alpha + tl.sum(p, 1)
+                t_i = t_i * alpha + tl.sum(p * tl.where(cmask[None, :], acc, 0.0), 1)
+                m_i = m_new
         off = pid_s * n + rows
         tl.store(OUT_M + off, m_i, mask=rmask)
         tl.store(OUT_S + off, s_i, mask=rmask)
         tl.store(OUT_T + off, t_i, mask=rmask)
+
+    # Autotuned launches for CUDA (the interpreter and explicit block sizes use the raw
+    # kernels). BLOCK_M is fixed at 128 so the vocab-split count can be chosen before launch;
+    # 128 × 256 × 64 bf16 tiles are 48 KB of shared memory per pipeline stage, so 3-4 stages
+    # fit Hopper's 227 KB; float32 configs that do not fit are skipped by the autotuner.
+    _LINEAR_CONFIGS = [
+        triton.Config(
+            {"BLOCK_N": bn, "BLOCK_K": bk, "FLAT": flat, "GROUP_M": g}, num_warps=w, num_stages=st
+        )
+        for bn, bk, flat, g, w, st in [
+            (256, 64, False, 8, 8, 3),  # best at n = 8K and 32K, d = 4096 on an H200
+            (256, 64, False, 4, 8, 3),
+            (256, 64, False, 16, 8, 3),
+            (256, 64, False, 8, 8, 4),
+            (128, 64, False, 8, 8, 4),
+            (128, 128, False, 8, 8, 3),
+            (256, 64, True, 8, 8, 3),
+            (256, 64, True, 8, 8, 4),
+            (128, 64, True, 8, 4, 4),
+        ]
+    ]
+    _linear_entropy_tuned = triton.autotune(_LINEAR_CONFIGS, key=["d", "v", "size_class"])(
+        _linear_entropy_kernel
+    )
+    _LOGITS_CONFIGS = [
+        triton.Config({"BLOCK_R": r, "BLOCK_V": bv, "LANE": lane}, num_warps=w)
+        for r, bv, lane, w in [
+            (1, 2048, True, 4),  # best at n = 8K and 32K, v = 151,936 on an H200
+            (1, 1024, True, 2),
+            (1, 1024, True, 4),
+            (1, 4096, True, 4),
+            (1, 4096, True, 8),
+            (2, 1024, True, 4),
+            (2, 2048, True, 8),
+            (1, 4096, False, 8),
+            (4, 2048, False, 8),
+        ]
+    ]
+    _logits_entropy_tuned = triton.autotune(_LOGITS_CONFIGS, key=["v"])(_logits_entropy_kernel)
+
+
+def _autotune() -> bool:
+    """``POLICYLONG_TRITON_AUTOTUNE=0`` launches one fixed config instead (fast compiles for
+    tests on a GPU: the autotuner compiles every config for every new specialisation)."""
+    return os.environ.get("POLICYLONG_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _require_triton(x: torch.Tensor) -> None:
@@ -298,28 +418,63 @@ def _alloc(shape, device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-def logits_entropy_partials_triton(logits: torch.Tensor, block_r: int = 4, block_v: int = 2048):
-    """Partials (m, s, t) float32 [n] of ``logits [n, v]`` (rows contiguous) in one pass."""
+def logits_entropy_partials_triton(
+    logits: torch.Tensor,
+    block_r: int | None = None,
+    block_v: int | None = None,
+    lane: bool = False,
+):
+    """Partials (m, s, t) float32 [n] of ``logits [n, v]`` (rows contiguous) in one pass.
+
+    On CUDA without explicit block sizes the launch is autotuned per vocabulary size."""
     _require_triton(logits)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     n, v = logits.shape
     m, s, t = (_alloc((n,), logits.device) for _ in range(3))
+    if logits.is_cuda and block_r is None and block_v is None and _autotune():
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_R"]),)  # noqa: E731
+        _logits_entropy_tuned[grid](logits, m, s, t, n, v, logits.stride(0))
+        return m, s, t
+    block_r, block_v = block_r or 4, block_v or 2048
     grid = (triton.cdiv(n, block_r),)
     _logits_entropy_kernel[grid](
-        logits, m, s, t, n, v, logits.stride(0), BLOCK_R=block_r, BLOCK_V=block_v
+        logits, m, s, t, n, v, logits.stride(0), BLOCK_R=block_r, BLOCK_V=block_v, LANE=lane
     )
     return m, s, t
 
 
-def _num_splits(n: int, block_m: int, v: int, block_n: int, device: torch.device) -> int:
-    """Vocab splits so that short inputs still fill the GPU: about 2 programs per SM
-    (n = 2K rows at BLOCK_M = 128 is 16 row blocks; an H100 has 132 SMs)."""
+SPLIT_QUANTUM = 256
+"""Vocab splits are whole multiples of this (the largest BLOCK_N of the autotune configs)."""
+
+
+def _num_splits(n: int, block_m: int, v: int, device: torch.device) -> int:
+    """Vocab splits that fill the GPU with little wave-quantisation loss.
+
+    Work is counted in 256-wide vocab tiles; with one 128-row program per SM at a time, a
+    launch of ``p`` programs of ``k`` tiles takes ``ceil(p / SMs) · k`` tile-times. n = 2K rows
+    is only 16 row blocks on an H100's 132 SMs: 8 splits of 75 tiles give 128 programs in one
+    wave (96% busy), where a naive 2-per-SM target (17 splits, 272 programs) needs 3 waves for
+    2.06 waves of work (69%). Fewer splits win ties (each split adds a [n] partial). With
+    more than ``GROUP_M`` = 8 row blocks at least ceil(SMs / 8) splits are used, so that the
+    resident programs of the grouped grid span 8 row blocks × the splits (L2 reuse, see the
+    kernel).
+    """
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    row_blocks = triton.cdiv(n, block_m)
-    return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(v, block_n)))
+    rb = triton.cdiv(n, block_m)
+    tiles = triton.cdiv(v, SPLIT_QUANTUM)
+    best, best_eff = 1, -1.0
+    lo = min(triton.cdiv(sms, 8), max(1, tiles // 4)) if rb > 8 else 1
+    for cand in range(lo, max(1, tiles // 4) + 1):
+        per = triton.cdiv(tiles, cand)  # tiles per split
+        real = triton.cdiv(tiles, per)
+        progs = rb * real
+        eff = rb * tiles / (triton.cdiv(progs, sms) * sms * per)
+        if eff > best_eff + 0.01:
+            best, best_eff = real, eff
+    return best
 
 
 def linear_entropy_partials_triton(
@@ -329,45 +484,55 @@ def linear_entropy_partials_triton(
     block_n: int | None = None,
     block_k: int | None = None,
     splits: int | None = None,
+    flat: bool | None = None,
+    group_m: int = 8,
 ):
     """Partials (m, s, t) float32 [n] of ``hidden @ weightᵀ`` through the fused kernel.
 
     The vocabulary is cut into ``splits`` ranges run by separate programs; their partials are
-    merged here (a [splits, n] reduction: nothing vocab-sized is ever stored).
+    merged here (a [splits, n] reduction: nothing vocab-sized is ever stored). On CUDA with no
+    block sizes given the launch is autotuned per (d, v, dtype); ``flat`` picks the
+    flattened-loop variant when block sizes are given.
     """
     _require_triton(hidden)
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()
     n, d = hidden.shape
     v = weight.shape[0]
+    tuned = hidden.is_cuda and block_n is None and block_k is None and flat is None
     if hidden.is_cuda:
         block_m, block_n, block_k = block_m or 128, block_n or 128, block_k or 64
     else:  # interpreter: small tiles keep numpy's work per program low
         block_m, block_n, block_k = block_m or 16, block_n or 64, block_k or 32
-    S = splits or _num_splits(n, block_m, v, block_n, hidden.device)
-    v_per_split = triton.cdiv(triton.cdiv(v, S), block_n) * block_n
+    tuned = tuned and block_m == 128 and _autotune()
+    quantum = SPLIT_QUANTUM if tuned else block_n
+    S = splits or _num_splits(n, block_m, v, hidden.device)
+    v_per_split = triton.cdiv(triton.cdiv(v, S), quantum) * quantum
     S = triton.cdiv(v, v_per_split)
     pm, ps, pt = (_alloc((S, n), hidden.device) for _ in range(3))
-    grid = (triton.cdiv(n, block_m), S)
-    _linear_entropy_kernel[grid](
-        hidden,
-        weight,
-        pm,
-        ps,
-        pt,
-        n,
-        v,
-        d,
-        hidden.stride(0),
-        weight.stride(0),
-        v_per_split,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
+    # autotune key beside (d, v): inputs of up to 8 row blocks vs larger (not n itself:
+    # screening sees a new n in nearly every call, and each new key re-benchmarks every config)
+    size_class = int(triton.cdiv(n, block_m) > 8)
+    args = (hidden, weight, pm, ps, pt, n, v, d, hidden.stride(0), weight.stride(0))
+    args = args + (v_per_split, S, size_class)
+    grid = (triton.cdiv(n, block_m) * S,)
+    consts = dict(
         IEEE=hidden.dtype == torch.float32,
         DOT_F32=_interpreting() and hidden.dtype == torch.bfloat16,
-        num_warps=8 if hidden.is_cuda else 4,
     )
+    if tuned:
+        _linear_entropy_tuned[grid](*args, BLOCK_M=block_m, **consts)
+    else:
+        _linear_entropy_kernel[grid](
+            *args,
+            GROUP_M=group_m,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            FLAT=bool(flat),
+            num_warps=8 if hidden.is_cuda else 4,
+            **consts,
+        )
     if S == 1:
         return pm[0], ps[0], pt[0]
     m = pm.amax(0)

@@ -67,16 +67,62 @@ def test_fused_linear_entropy_matches_float64(n, d, v, dtype, backend):
 
 
 @pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
-def test_triton_vocab_splits_merge_exactly():
-    """Several vocab splits (as on a GPU with short inputs) merge to the one-split result."""
+@pytest.mark.parametrize("flat", [False, True])
+def test_triton_vocab_splits_merge_exactly(flat):
+    """Several vocab splits (as on a GPU with short inputs) merge to the one-split result,
+    for both loop structures of the fused kernel (nested, and flattened over (tile, k))."""
     g = torch.Generator().manual_seed(1)
     h = torch.randn(19, 33, generator=g).to(DEV)
     w = torch.randn(777, 33, generator=g).to(DEV)
     ref = linear_entropy_ref(h.cpu(), w.cpu())
     for splits in (1, 2, 5):
-        m, s, t = E.linear_entropy_partials_triton(h, w, splits=splits)
+        m, s, t = E.linear_entropy_partials_triton(
+            h, w, block_n=64, block_k=16 if flat else 32, splits=splits, flat=flat
+        )
         out, _ = E.finalize_partials(m, s, t)
         assert rel(out, ref) < 1e-5, splits
+
+
+@pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_flat_loop_low_precision(dtype):
+    """The flattened loop with bf16/fp16 operands, d not a multiple of BLOCK_K, a vocab that
+    leaves a ragged last tile in every split."""
+    g = torch.Generator().manual_seed(11)
+    h = (torch.randn(23, 45, generator=g) * 0.5).to(dtype)
+    w = (torch.randn(1003, 45, generator=g) * 0.5).to(dtype)
+    ref = linear_entropy_ref(h, w)
+    m, s, t = E.linear_entropy_partials_triton(
+        h.to(DEV), w.to(DEV), block_n=64, block_k=16, splits=3, flat=True
+    )
+    out, _ = E.finalize_partials(m, s, t)
+    assert rel(out, ref) < TOL[dtype]
+
+
+def test_split_heuristic_fills_the_gpu(monkeypatch):
+    """The split count keeps wave-quantisation loss small on a 132-SM GPU, and gives the
+    grouped grid enough splits for L2 reuse once there are more than 8 row blocks."""
+    if not E.HAS_TRITON:
+        pytest.skip("triton is not installed")
+
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props())
+    cuda = torch.device("cuda")
+    for n, v in [(2048, 151_936), (8192, 151_936), (32768, 151_936), (2048, 128_256), (300, 5000)]:
+        S = E._num_splits(n, 128, v, cuda)
+        rb = -(-n // 128)
+        tiles = -(-v // E.SPLIT_QUANTUM)
+        per = -(-tiles // S)
+        waves = -(-(rb * S) // 132)
+        eff = rb * tiles / (waves * 132 * per)
+        # the best achievable efficiency with this tile grain is at least the one-split one
+        one = rb * tiles / (-(-rb // 132) * 132 * tiles)
+        assert eff >= one - 1e-9 and 1 <= S <= tiles, (n, v, S, eff)
+        if rb > 8:  # grouped grid: the 132 resident programs span 8 row blocks
+            assert S >= 17 and eff > 0.9, (n, v, S, eff)
+    assert E._num_splits(32768, 128, 151_936, torch.device("cpu")) == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -86,6 +132,23 @@ def test_logits_entropy_matches_float64(dtype, backend):
     x = (torch.randn(29, 3001, generator=g) * 3).to(dtype)
     out = logits_entropy(x.to(DEV), vocab_chunk=500, backend=backend)
     assert rel(out, logits_entropy_ref(x)) < TOL[dtype]
+
+
+@pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("lane", [False, True])
+def test_triton_logits_variants_exact_cases(lane):
+    """Both loop structures of the logits kernel (per-row and per-lane sums), with -inf rows,
+    a one-hot row, a uniform row and a ragged last tile."""
+    x = torch.randn(6, 777)
+    x[0] = 0.0
+    x[1] = float("-inf")
+    x[1, 700] = 3.0
+    x[2, :400] = float("-inf")
+    m, s, t = E.logits_entropy_partials_triton(x.to(DEV), block_r=4, block_v=128, lane=lane)
+    out, _ = E.finalize_partials(m, s, t)
+    out = out.cpu()
+    assert abs(float(out[0]) - math.log(777)) < 1e-5 and float(out[1]) == 0.0
+    assert rel(out, logits_entropy_ref(x)) < 1e-6
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -50,6 +50,7 @@ setup(
         "megatron-core>=0.12",
         "pyarrow>=14",
         "matplotlib>=3.7",
+        "psutil>=5.9",  # megatron-core dist_checkpointing writers need it
     ],
     extras_require={
         # the CPU wheel of torch lies on this project's machines; faiss-cpu everywhere without CUDA

@@ -6,6 +6,13 @@
     policylong screen --config C --model DIR --out DIR
                                                     one stage dataset screened with a model
     policylong pretrain-base --out DIR              rebuild the embedded tiny base model
+    policylong train --config C --stage-dir DIR --from CKPT --to CKPT
+                                                    one Megatron-Core training stage
+    policylong convert --hf DIR --out CKPT          HF checkpoint -> Megatron checkpoint
+    policylong export --ckpt CKPT --hf-out DIR      Megatron checkpoint -> HF checkpoint
+
+``train``, ``convert`` and ``export`` run under ``torchrun`` with any TP×PP×CP×DP layout that
+the world size allows (``--set parallel.tensor_parallel=2``); alone they are a world of one.
 
 Every command takes ``--config FILE.yaml`` plus dotted overrides ``--set screening.percentile=5``
 (repeatable) and ``--workdir DIR``.
@@ -190,6 +197,54 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from policylong.megatron_ext.train import plan_stage, train_stage
+
+    cfg = _config(args)
+    if args.dry_run:
+        plan = plan_stage(cfg, args.stage_dir, getattr(args, "from"), args.to, args.world_size)
+        print(json.dumps({k: v for k, v in plan.items() if not k.startswith("_")}, indent=2))
+        return 0
+    res = train_stage(cfg, args.stage_dir, getattr(args, "from"), args.to)
+    if _is_rank0():
+        log.info("stage trained: %s", json.dumps(res))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from policylong.megatron_ext.train import convert_hf
+
+    path = convert_hf(_config(args), args.hf, args.out)
+    if _is_rank0():
+        log.info("wrote %s", path)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from policylong.megatron_ext.train import export_checkpoint
+
+    path = export_checkpoint(_config(args), args.ckpt, args.hf_out, args.iteration)
+    if _is_rank0():
+        log.info("wrote %s", path)
+    return 0
+
+
+def _teardown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        from policylong.megatron_ext.parallel import destroy_distributed
+
+        try:
+            destroy_distributed()
+        except RuntimeError:  # a peer already failed; its error is the one to report
+            pass
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="policylong", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -226,6 +281,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase1-steps", type=int, default=600)
     p.add_argument("--phase2-steps", type=int, default=2000)
     p.set_defaults(func=cmd_pretrain_base)
+
+    p = sub.add_parser("train", help="one Megatron-Core training stage on stage datasets")
+    _add_config_args(p)
+    p.add_argument(
+        "--stage-dir", action="append", required=True, help="stage folder (repeat to blend)"
+    )
+    p.add_argument(
+        "--from", required=True, help="start: HF folder, 'embedded' or a Megatron checkpoint"
+    )
+    p.add_argument("--to", required=True, help="checkpoint folder to write (resumed if present)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, data and start checkpoint and print the parallel layout; "
+        "no process group, no step (how to check a CP > 1 layout without GPUs)",
+    )
+    p.add_argument("--world-size", type=int, help="with --dry-run: the world size to plan for")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("convert", help="HF checkpoint folder -> Megatron checkpoint")
+    _add_config_args(p)
+    p.add_argument("--hf", required=True, help="HF folder or 'embedded'")
+    p.add_argument("--out", required=True, help="Megatron checkpoint folder to write")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="Megatron checkpoint -> HF checkpoint folder")
+    _add_config_args(p)
+    p.add_argument("--ckpt", required=True, help="PolicyLong Megatron checkpoint folder")
+    p.add_argument("--hf-out", required=True, help="HF folder to write")
+    p.add_argument("--iteration", type=int, help="iteration to export (default: the latest)")
+    p.set_defaults(func=cmd_export)
     return ap
 
 
@@ -237,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         log.error("%s", e)
         return 2
+    finally:
+        if args.cmd in ("train", "convert", "export"):
+            _teardown()
 
 
 if __name__ == "__main__":

@@ -258,6 +258,150 @@ class DataConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Model-parallel layout of a Megatron run; data parallelism is what is left of the world."""
+
+    tensor_parallel: int = 1
+    """TP degree: attention heads, MLP columns and the vocabulary are split over this many
+    ranks (keep it inside one node: up to 8 on an 8×H100 node)."""
+
+    pipeline_parallel: int = 1
+    """PP degree: the layers are cut into this many consecutive stages."""
+
+    context_parallel: int = 1
+    """CP degree: each sequence is split over this many ranks (ring attention). Needs the
+    Transformer Engine layer spec, so GPU only; CP > 1 is untested in this repository."""
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                _fail(f"parallel.{name}", v, "must be a positive integer")
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+
+    def data_parallel(self, world_size: int) -> int:
+        """DP degree for ``world_size`` ranks; a clear error when the layout does not fit."""
+        if world_size % self.model_parallel != 0:
+            raise ValueError(
+                f"parallel: TP×PP×CP = {self.tensor_parallel}×{self.pipeline_parallel}×"
+                f"{self.context_parallel} = {self.model_parallel} does not divide the world "
+                f"size {world_size}"
+            )
+        return world_size // self.model_parallel
+
+
+LR_STYLES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """One Megatron-Core training stage (``policylong train``)."""
+
+    seq_length: int = 0
+    """Training sequence length in tokens; 0 takes the stage dataset's (data.seq_length). Must
+    not exceed the dataset's sequences."""
+
+    micro_batch_size: int = 1
+    """Sequences per forward/backward on one data-parallel rank."""
+
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks (gradient accumulation makes
+    up the rest). The paper: 1B tokens per stage at L = 128K is ~7,600 sequences."""
+
+    train_steps: int = 0
+    """Optimizer steps of this stage; 0: one pass over the stage dataset
+    (num_sequences // global_batch_size)."""
+
+    lr: float = 1.0e-5
+    """Peak learning rate (Adam)."""
+
+    min_lr: float = 1.0e-6
+    """Learning rate at the end of the decay."""
+
+    lr_warmup_steps: int = 0
+    """Linear warm-up steps from 0 to ``lr``."""
+
+    lr_decay_style: str = "cosine"
+    """constant, linear or cosine decay from ``lr`` to ``min_lr`` over the remaining steps."""
+
+    weight_decay: float = 0.1
+    """Decoupled weight decay (AdamW)."""
+
+    adam_beta1: float = 0.9
+    """Adam β1."""
+
+    adam_beta2: float = 0.95
+    """Adam β2."""
+
+    adam_eps: float = 1.0e-8
+    """Adam ε."""
+
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+
+    save_interval: int = 0
+    """Save a checkpoint every this many steps (0: only at the end of the stage)."""
+
+    log_interval: int = 1
+    """Print a log line every this many steps (metrics.jsonl gets every step)."""
+
+    params_dtype: str = "auto"
+    """float32, bfloat16 or auto (bfloat16 with fp32 main weights on CUDA, float32 on CPU)."""
+
+    rotary_base: float = 0.0
+    """RoPE base θ for the extended window; 0 keeps the start checkpoint's (Qwen2.5: 1e6)."""
+
+    rope_scaling_factor: float = 0.0
+    """Linear position interpolation factor; 0 for none."""
+
+    recompute: bool = False
+    """Full activation recomputation (needed at 128K on 80 GB cards)."""
+
+    layer_spec: str = "auto"
+    """local (megatron-core modules; s×s attention scores in memory), sdpa (local modules with
+    PyTorch SDPA attention: flash kernels on CUDA), te (Transformer Engine, GPU; needed for
+    context parallelism) or auto (te when it imports on CUDA, else sdpa; local on CPU)."""
+
+    def __post_init__(self) -> None:
+        for name in ("seq_length", "train_steps", "lr_warmup_steps", "save_interval"):
+            if getattr(self, name) < 0:
+                _fail(f"train.{name}", getattr(self, name), "must be >= 0")
+        for name in ("micro_batch_size", "global_batch_size", "log_interval"):
+            if getattr(self, name) < 1:
+                _fail(f"train.{name}", getattr(self, name), "must be >= 1")
+        if self.global_batch_size % self.micro_batch_size != 0:
+            _fail(
+                "train.global_batch_size",
+                self.global_batch_size,
+                f"must be a multiple of train.micro_batch_size={self.micro_batch_size}",
+            )
+        if not self.lr > 0:
+            _fail("train.lr", self.lr, "must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            _fail("train.min_lr", self.min_lr, "must lie in [0, train.lr]")
+        if self.lr_decay_style not in LR_STYLES:
+            _fail("train.lr_decay_style", self.lr_decay_style, f"must be one of {LR_STYLES}")
+        if self.weight_decay < 0:
+            _fail("train.weight_decay", self.weight_decay, "must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                _fail(f"train.{name}", getattr(self, name), "must lie in [0, 1)")
+        if self.clip_grad < 0:
+            _fail("train.clip_grad", self.clip_grad, "must be >= 0")
+        if self.params_dtype not in ("auto", "float32", "bfloat16"):
+            _fail("train.params_dtype", self.params_dtype, "must be auto, float32 or bfloat16")
+        if self.rotary_base < 0:
+            _fail("train.rotary_base", self.rotary_base, "must be > 0 (or 0 to keep)")
+        if self.rope_scaling_factor != 0 and self.rope_scaling_factor < 1:
+            _fail("train.rope_scaling_factor", self.rope_scaling_factor, "must be >= 1 (or 0)")
+        if self.layer_spec not in ("auto", "local", "sdpa", "te"):
+            _fail("train.layer_spec", self.layer_spec, "must be auto, local, sdpa or te")
+
+
+@dataclass
 class Config:
     seed: int = 1234
     """Seeds every random choice (shuffles, fills); the same seed gives the same bytes."""
@@ -273,6 +417,8 @@ class Config:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     screening: ScreeningConfig = field(default_factory=ScreeningConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.stage < 0:
@@ -300,6 +446,8 @@ class Config:
         """sha256 over every field that changes the bytes of a stage dataset."""
         d = self.to_dict()
         d.pop("workdir")
+        d.pop("train")  # training settings do not change a stage dataset's bytes
+        d.pop("parallel")
         d["model"].pop("device")
         d["retrieval"].pop("use_gpu")
         d["retrieval"].pop("batch_size")
@@ -313,6 +461,8 @@ _SECTIONS = {
     "retrieval": RetrievalConfig,
     "screening": ScreeningConfig,
     "data": DataConfig,
+    "train": TrainConfig,
+    "parallel": ParallelConfig,
 }
 
 
@@ -327,6 +477,11 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             _fail(name, value, "must be an integer")
         return value
     if isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                _fail(name, value, "must be a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(name, value, "must be a number")
         return float(value)

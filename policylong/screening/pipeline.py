@@ -489,6 +489,7 @@ def screen_stage(
         "model": model_desc,
         "config_hash": chash,
         "seed": cfg.seed,
+        "eod": screener.eos,
         "index": os.path.abspath(cfg.path(cfg.retrieval.index_dir)),
         "stats": stats,
         "config": cfg.to_dict(),

@@ -1,0 +1,347 @@
+"""Megatron-Core on CPU under torchrun + gloo: exact HF conversion, parallel consistency,
+training from a screened stage dataset, kill-and-resume.
+
+Every case runs ``_megatron_worker.py`` under ``python -m torch.distributed.run`` in a fresh
+process group (megatron-core's parallel state is process-global). References are independent:
+Hugging Face forwards of the same weights, the single-process loss, the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.distributed
+
+WORKER = os.path.join(os.path.dirname(__file__), "_megatron_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *args, expect_ok: bool = True, timeout: int = 900):
+    """Run the worker under torchrun; returns (exit code, stdout + stderr)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={_free_port()}",
+        WORKER,
+        *map(str, args),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # output to a file, not a pipe: a helper process a SIGKILLed worker leaves behind would
+    # hold a pipe open and block the wait
+    with tempfile.TemporaryFile("w+") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env)
+        log.seek(0)
+        out = log.read()
+    if expect_ok:
+        assert rc.returncode == 0, out[-8000:]
+    return rc.returncode, out
+
+
+def _read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Two tiny HF models of the family: Qwen2 (QKV bias, untied head) and Llama (no bias,
+    tied embeddings); vocab 1520 divides by 2 and 4, 4 layers divide by 2 stages."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    root = tmp_path_factory.mktemp("hf")
+    common = dict(
+        vocab_size=1520,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    out = {}
+    torch.manual_seed(0)
+    q = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, rope_theta=50000.0, **common))
+    out["qwen2"] = str(root / "tiny_qwen2")
+    q.save_pretrained(out["qwen2"])
+    ll = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common))
+    out["llama"] = str(root / "tiny_llama")
+    ll.save_pretrained(out["llama"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def copy_stage(tmp_path_factory):
+    """A stage dataset (Megatron IndexedDatasetBuilder, the stage-folder layout) of 64-token
+    sequences whose second half repeats the first."""
+    from policylong.datasets import commit, write_stage_dataset
+
+    d = tmp_path_factory.mktemp("stage")
+    rng = np.random.default_rng(0)
+    seqs = []
+    for _ in range(48):
+        a = rng.integers(10, 1500, size=32)
+        seqs.append(np.concatenate([a, a]).tolist())
+    part, final = str(d / "stage_0.partial"), str(d / "stage_0")
+    os.makedirs(part)
+    prov = [{"root": str(i)} for i in range(len(seqs))]
+    write_stage_dataset(part, seqs, prov, {"stage": 0, "eod": 3}, 1520, 64)
+    commit(part, final)
+    return final
+
+
+@pytest.mark.parametrize(
+    "tp,pp,spec", [(1, 1, "local"), (2, 1, "local"), (1, 2, "local"), (2, 1, "sdpa")]
+)
+def test_converted_logits_equal_hf_and_export_round_trips(tp, pp, spec, tiny_models, tmp_path):
+    from policylong.basemodel import resolve_model_path
+
+    models = [tiny_models["qwen2"], tiny_models["llama"], resolve_model_path("embedded")]
+    args = ["exact", "--json", tmp_path / "r.json", "--tp", tp, "--pp", pp, "--spec", spec]
+    args += ["--export-dir", tmp_path / "export"]
+    for m in models:
+        args += ["--hf", m]
+    torchrun(tp * pp, *args)
+    res = _read(tmp_path / "r.json")
+    assert res["layout"] == {"tp": tp, "pp": pp, "dp": 1}
+    for name, e in res.items():
+        if name == "layout":
+            continue
+        assert e["max_abs_diff"] <= 1e-4, (name, e)
+        assert e["export_same_names"] and e["export_bitwise"] and e["reload_logits_equal"], e
+    # the embedded model's 1519-token vocabulary is padded by one zero row at TP = 2
+    assert res["base_model"]["pad_columns"] == (1 if tp == 2 else 0)
+
+
+def test_parallel_training_matches_single_process(tiny_models, copy_stage, tmp_path):
+    """TP=2, PP=2 and DP=2 give the single-process loss of the first steps (dropout is off)."""
+    losses = {}
+    for name, nproc, tp, pp in [
+        ("single", 1, 1, 1),
+        ("tp2", 2, 2, 1),
+        ("pp2", 2, 1, 2),
+        ("dp2", 2, 1, 1),
+    ]:
+        out = tmp_path / name
+        torchrun(
+            nproc,
+            "train",
+            "--json",
+            out.with_suffix(".json"),
+            "--tp",
+            tp,
+            "--pp",
+            pp,
+            "--init",
+            tiny_models["qwen2"],
+            "--stage",
+            copy_stage,
+            "--ckpt",
+            out,
+            "--steps",
+            3,
+            "--gbs",
+            8,
+            "--mb",
+            2,
+        )
+        losses[name] = [r["loss"] for r in _read(out.with_suffix(".json"))["metrics"]]
+    ref = losses["single"]
+    assert len(ref) == 3
+    for name in ("tp2", "pp2", "dp2"):
+        assert np.allclose(losses[name], ref, rtol=0, atol=1e-5), (name, losses[name], ref)
+
+
+@pytest.fixture(scope="session")
+def screened_stage(tmp_path_factory, make_cfg, tokenizer, index, embedder):
+    """A stage dataset written by the screening pipeline (copy model, 12 planted roots)."""
+    from conftest import CopyModel
+    from policylong.screening import pipeline as pl
+
+    d = tmp_path_factory.mktemp("screened")
+    cfg = make_cfg(str(d), **{"data.seq_length": 320, "screening.screen_length": 192})
+    out = str(d / "stage_0")
+    pl.screen_stage(
+        cfg, CopyModel(tokenizer), index, embedder, out, model_desc="copy", progress=False
+    )
+    return out
+
+
+def test_stage_trains_from_screened_data_and_resumes_after_kill(screened_stage, tmp_path):
+    """The embedded model trains on a screened stage: the loss falls, checkpoints are saved,
+    and a run SIGKILLed after step 12 resumes from its step-10 checkpoint to the same losses
+    as the uninterrupted run."""
+    from policylong.basemodel import resolve_model_path
+    from policylong.datasets import verify_stage_dataset
+
+    m = verify_stage_dataset(screened_stage)
+    assert m["num_sequences"] >= 8 and m["seq_length"] == 320
+    base = resolve_model_path("embedded")
+    common = [
+        "--init",
+        base,
+        "--stage",
+        screened_stage,
+        "--steps",
+        20,
+        "--gbs",
+        4,
+        "--mb",
+        2,
+        "--seq",
+        320,
+        "--lr",
+        2e-3,
+        "--save-interval",
+        5,
+    ]
+    full = tmp_path / "full"
+    torchrun(1, "train", "--json", tmp_path / "full.json", "--ckpt", full, *common)
+    rows = _read(tmp_path / "full.json")["metrics"]
+    loss = [r["loss"] for r in rows]
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert np.mean(loss[-4:]) < np.mean(loss[:4]) - 0.2, loss
+    assert (full / "latest_checkpointed_iteration.txt").read_text() == "20"
+    assert (full / "iter_0000020" / "metadata.json").is_file()
+
+    part = tmp_path / "part"
+    rc, _ = torchrun(
+        1,
+        "train",
+        "--json",
+        tmp_path / "x.json",
+        "--ckpt",
+        part,
+        *common,
+        "--kill",
+        12,
+        expect_ok=False,
+    )
+    assert rc != 0 and (part / "latest_checkpointed_iteration.txt").read_text() == "10"
+    torchrun(1, "train", "--json", tmp_path / "part.json", "--ckpt", part, *common)
+    rows2 = _read(tmp_path / "part.json")["metrics"]
+    assert [r["step"] for r in rows2] == list(range(1, 21))  # steps 11-12 logged once
+    assert np.allclose([r["loss"] for r in rows2], loss, rtol=0, atol=1e-6)
+
+
+def test_mismatched_hf_checkpoint_is_a_clear_error(tiny_models, tmp_path):
+    """A config whose shapes do not match the weights fails naming the tensor and shapes."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_models["qwen2"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (bad / "config.json").write_text(json.dumps(cfg))
+    rc, out = torchrun(
+        1,
+        "exact",
+        "--json",
+        tmp_path / "r.json",
+        "--hf",
+        bad,
+        "--export-dir",
+        tmp_path / "e",
+        expect_ok=False,
+    )
+    assert rc != 0
+    assert "CheckpointMismatchError" in out and "gate_proj.weight has shape (96, 64)" in out
+
+
+def _cli(*args, cwd=None, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env_extra or {})}
+    with tempfile.TemporaryFile("w+") as log:
+        r = subprocess.run(
+            [sys.executable, "-m", "policylong.cli", *map(str, args)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            timeout=600,
+        )
+        log.seek(0)
+        return r.returncode, log.read()
+
+
+def test_cli_convert_then_export_round_trips(tmp_path):
+    """`policylong convert` writes a dist_checkpointing folder; `policylong export` (with a
+    raised RoPE base for the extended window) gives back the same tensors and a config that
+    carries the new base."""
+    import torch
+
+    from policylong.basemodel import resolve_model_path
+    from policylong.megatron_ext.model import HFWeights, _rope
+
+    ck, out = tmp_path / "ck", tmp_path / "hf"
+    rc, log = _cli("convert", "--hf", "embedded", "--out", ck, "--set", "train.rotary_base=1e6")
+    assert rc == 0, log[-4000:]
+    assert (ck / "iter_0000000" / "metadata.json").is_file()
+    assert (ck / "latest_checkpointed_iteration.txt").read_text() == "0"
+    rc, log = _cli("export", "--ckpt", ck, "--hf-out", out)
+    assert rc == 0, log[-4000:]
+    src, dst = HFWeights(resolve_model_path("embedded")), HFWeights(str(out))
+    assert sorted(src.weight_map) == sorted(dst.weight_map)
+    assert all(torch.equal(src.get(k), dst.get(k)) for k in src.weight_map)
+    assert _rope(json.loads((out / "config.json").read_text())) == (1e6, None)
+    assert (out / "tokenizer.json").is_file()
+    rc, log = _cli("convert", "--hf", "embedded", "--out", ck)
+    assert rc == 2 and "already holds a Megatron checkpoint" in log
+
+
+def test_launch_scripts_dry_run(tmp_path, copy_stage):
+    """Both launchers print their torchrun/srun command and the planned layout (TP 2 × CP 4 on
+    8 ranks per node for the paper's config) without starting anything."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "DRY_RUN": "1",
+        "STAGE": copy_stage,
+        "TO": str(tmp_path / "ck"),
+        "FROM": "embedded",
+        "CONFIG": "examples/configs/qwen2.5-3b-128k.yaml",
+    }
+    extra = ["--set", "train.seq_length=64", "--set", "train.global_batch_size=16"]
+    r = subprocess.run(
+        ["bash", "examples/train_single_node.sh", *extra],
+        cwd=root,
+        env={**env, "NPROC": "8"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    first, plan = r.stdout.split("\n", 1)
+    assert first.startswith("torchrun --standalone --nproc-per-node 8")
+    p = json.loads(plan)
+    assert (p["tensor_parallel"], p["context_parallel"], p["data_parallel"]) == (2, 4, 1)
+    assert p["tokens_per_rank_per_micro_batch"] == 16
+    r = subprocess.run(
+        ["bash", "examples/train_multinode.slurm", *extra],
+        cwd=root,
+        env={**env, "NNODES": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    first, plan = r.stdout.split("\n", 1)
+    assert first.startswith("srun --kill-on-bad-exit=1 torchrun --nnodes 2 --nproc-per-node 8")
+    assert json.loads(plan)["data_parallel"] == 2

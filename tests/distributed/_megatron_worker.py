@@ -83,6 +83,46 @@ def case_exact(a) -> None:
         _dump(a.json, res)
 
 
+def case_entropy(a) -> None:
+    """Root entropies and NLLs through the live Megatron model (the on-policy backend) vs. the
+    Hugging Face backend on the same weights."""
+    import torch
+    import torch.distributed as dist
+
+    from policylong.config import ParallelConfig
+    from policylong.lm import HFLanguageModel
+    from policylong.megatron_ext import model as M
+    from policylong.megatron_ext.lm import MegatronLanguageModel
+    from policylong.megatron_ext.parallel import init_distributed
+    from policylong.screening.entropy import root_entropies
+
+    torch.set_num_threads(1)
+    init_distributed(ParallelConfig(a.tp, a.pp), seed=7)
+    hf_dir = a.hf[0]
+    cfg = M.read_hf_config(hf_dir)
+    model = M.build_gpt_model(cfg, M.ModelOptions(spec=a.spec), max_seq_length=128)
+    M.load_hf_weights(model, cfg, hf_dir)
+    mlm = MegatronLanguageModel(model, cfg, hf_dir)
+    hlm = HFLanguageModel(hf_dir)
+    g = torch.Generator().manual_seed(3)
+    V = int(cfg["vocab_size"])
+    roots = [torch.randint(4, V, (n,), generator=g).tolist() for n in (17, 40, 9)]
+    got = root_entropies(mlm, roots, mlm.ctx_id, mlm.eos_id, 2)
+    ref = root_entropies(hlm, roots, hlm.ctx_id, hlm.eos_id, 2)
+    dh = max(float((x[0] - y[0]).abs().max()) for x, y in zip(got, ref))
+    dn = max(float((x[1] - y[1]).abs().max()) for x, y in zip(got, ref))
+    res = {
+        "rank": dist.get_rank(),
+        "max_entropy_diff": dh,
+        "max_nll_diff": dn,
+        "head_rows": int(mlm.head_weight().shape[0]),
+    }
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, res)
+    if dist.get_rank() == 0:
+        _dump(a.json, gathered)
+
+
 def case_train(a) -> None:
     import torch
 
@@ -114,7 +154,7 @@ def case_train(a) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("case", choices=["exact", "train"])
+    ap.add_argument("case", choices=["exact", "train", "entropy"])
     ap.add_argument("--json", required=True)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
@@ -132,7 +172,7 @@ def main() -> None:
     ap.add_argument("--save-interval", type=int, default=0)
     ap.add_argument("--kill", type=int)
     a = ap.parse_args()
-    {"exact": case_exact, "train": case_train}[a.case](a)
+    {"exact": case_exact, "train": case_train, "entropy": case_entropy}[a.case](a)
     from policylong.megatron_ext.parallel import destroy_distributed
 
     destroy_distributed()  # a barrier first: no rank leaves while a peer is mid-collective

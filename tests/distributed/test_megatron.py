@@ -345,3 +345,22 @@ def test_launch_scripts_dry_run(tmp_path, copy_stage):
     first, plan = r.stdout.split("\n", 1)
     assert first.startswith("srun --kill-on-bad-exit=1 torchrun --nnodes 2 --nproc-per-node 8")
     assert json.loads(plan)["data_parallel"] == 2
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_live_megatron_model_screens_like_the_hf_backend(tp, pp, tmp_path):
+    """The on-policy backend: root entropies and NLLs through the live Megatron model (vocab-
+    parallel entropy over the TP group, hidden states broadcast over the PP group) equal the
+    Hugging Face backend's on the same weights, on every rank."""
+    from policylong.basemodel import resolve_model_path
+
+    base = resolve_model_path("embedded")
+    torchrun(
+        tp * pp, "entropy", "--json", tmp_path / "r.json", "--tp", tp, "--pp", pp, "--hf", base
+    )
+    res = _read(tmp_path / "r.json")
+    assert len(res) == tp * pp
+    for r in res:
+        assert r["max_entropy_diff"] < 1e-4 and r["max_nll_diff"] < 1e-4, r
+    # 1519 rows padded to 1520 at TP = 2: the pad row is dropped from the last shard
+    assert sum(r["head_rows"] for r in res) == (1519 if tp == 2 else 1519 * pp)

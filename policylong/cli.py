@@ -10,6 +10,7 @@
                                                     one Megatron-Core training stage
     policylong convert --hf DIR --out CKPT          HF checkpoint -> Megatron checkpoint
     policylong export --ckpt CKPT --hf-out DIR      Megatron checkpoint -> HF checkpoint
+    policylong eval --model DIR --out DIR           synthetic NIAH probes per length (JSON, PNG)
 
 ``train``, ``convert`` and ``export`` run under ``torchrun`` with any TP×PP×CP×DP layout that
 the world size allows (``--set parallel.tensor_parallel=2``); alone they are a world of one.
@@ -229,6 +230,26 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from policylong.evaluation import TASKS, evaluate, plot
+    from policylong.lm import load_language_model
+
+    lm = load_language_model(args.model, device=args.device, dtype=args.dtype)
+    tasks = tuple(args.tasks or TASKS)
+    res = evaluate(lm, args.lengths, n=args.n, tasks=tasks, seed=args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "eval.json"), "w") as f:
+        json.dump({"model": args.model, "seed": args.seed, "results": res}, f, indent=2)
+    plot(res, os.path.join(args.out, "eval.png"))
+    for task, per in res.items():
+        cells = "  ".join(
+            f"{k}: {v['accuracy']:.2f} (ctrl {v['control_accuracy']:.2f})" for k, v in per.items()
+        )
+        print(f"{task:>16}  {cells}")
+    log.info("wrote %s/eval.json and eval.png", args.out)
+    return 0
+
+
 def _teardown() -> None:
     import torch.distributed as dist
 
@@ -299,6 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--world-size", type=int, help="with --dry-run: the world size to plan for")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="synthetic long-context probes (NIAH) at several lengths")
+    p.add_argument("--model", default="embedded", help="HF folder or 'embedded'")
+    p.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024])
+    p.add_argument("--n", type=int, default=20, help="probes per task and length")
+    p.add_argument("--tasks", nargs="+", help="subset of the tasks (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", required=True, help="folder for eval.json and eval.png")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("convert", help="HF checkpoint folder -> Megatron checkpoint")
     _add_config_args(p)

@@ -11,6 +11,7 @@
     policylong convert --hf DIR --out CKPT          HF checkpoint -> Megatron checkpoint
     policylong export --ckpt CKPT --hf-out DIR      Megatron checkpoint -> HF checkpoint
     policylong eval --model DIR --out DIR           synthetic NIAH probes per length (JSON, PNG)
+    policylong run --config C [--set loop.stages=4]  the on-policy loop: screen with M_t, train
 
 ``train``, ``convert`` and ``export`` run under ``torchrun`` with any TP×PP×CP×DP layout that
 the world size allows (``--set parallel.tensor_parallel=2``); alone they are a world of one.
@@ -230,6 +231,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from policylong.stages import run_stages
+
+    cfg = _config(args)
+    res = run_stages(cfg)
+    print(json.dumps([{k: v for k, v in r.items() if k != "stats"} for r in res], indent=2))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from policylong.evaluation import TASKS, evaluate, plot
     from policylong.lm import load_language_model
@@ -321,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, help="with --dry-run: the world size to plan for")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("run", help="the on-policy stage loop: T × (screen with M_t, train)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("eval", help="synthetic long-context probes (NIAH) at several lengths")
     p.add_argument("--model", default="embedded", help="HF folder or 'embedded'")
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024])
@@ -356,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     finally:
-        if args.cmd in ("train", "convert", "export"):
+        if args.cmd in ("train", "convert", "export", "run"):
             _teardown()
 
 

@@ -402,6 +402,41 @@ class TrainConfig:
 
 
 @dataclass
+class LoopConfig:
+    """The on-policy stage loop (``policylong run``): T × (screen with M_t, train -> M_{t+1})."""
+
+    preset: str = "policylong"
+    """Name of the run: its stages and checkpoints go to ``WORKDIR/runs/<preset>/``."""
+
+    start: str = "embedded"
+    """M_0: a Hugging Face folder, ``embedded``, or a PolicyLong Megatron checkpoint."""
+
+    stages: int = 2
+    """T, the number of stages (the paper: 4)."""
+
+    roots_per_stage: int = 0
+    """Root documents screened per stage, disjoint across stages (stage t takes documents
+    [data.root_offset + t·R, data.root_offset + (t+1)·R)); 0 splits the corpus evenly."""
+
+    tokens_per_stage: int = 0
+    """Training tokens per stage (the paper: 1B); 0 trains one pass over the stage dataset."""
+
+    on_policy: bool = True
+    """Screen stage t with M_t (PolicyLong). False screens every stage with M_0 (the
+    "no iteration" ablation)."""
+
+    def __post_init__(self) -> None:
+        if not self.preset or "/" in self.preset:
+            _fail("loop.preset", self.preset, "must be a plain folder name")
+        if self.stages < 1:
+            _fail("loop.stages", self.stages, "must be >= 1")
+        if self.roots_per_stage < 0:
+            _fail("loop.roots_per_stage", self.roots_per_stage, "must be >= 0")
+        if self.tokens_per_stage < 0:
+            _fail("loop.tokens_per_stage", self.tokens_per_stage, "must be >= 0")
+
+
+@dataclass
 class Config:
     seed: int = 1234
     """Seeds every random choice (shuffles, fills); the same seed gives the same bytes."""
@@ -419,6 +454,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
 
     def __post_init__(self) -> None:
         if self.stage < 0:
@@ -448,6 +484,7 @@ class Config:
         d.pop("workdir")
         d.pop("train")  # training settings do not change a stage dataset's bytes
         d.pop("parallel")
+        d.pop("loop")
         d["model"].pop("device")
         d["retrieval"].pop("use_gpu")
         d["retrieval"].pop("batch_size")
@@ -463,6 +500,7 @@ _SECTIONS = {
     "data": DataConfig,
     "train": TrainConfig,
     "parallel": ParallelConfig,
+    "loop": LoopConfig,
 }
 
 

@@ -132,3 +132,17 @@ def test_flops_per_token_is_six_per_matmul_weight():
     full = T.flops_per_token(c, 100, causal=False) - T.flops_per_token(c, 0)
     assert full == 12 * 100 * c["num_hidden_layers"] * c["num_attention_heads"] * M.head_dim(c)
     assert T.flops_per_token(c, 100) - T.flops_per_token(c, 0) == full / 2  # causal half
+
+
+def test_loop_config_validation_and_stage_ranges():
+    from policylong.stages import stage_config
+
+    with pytest.raises(ValueError, match="loop.stages"):
+        cfg(**{"loop.stages": 0})
+    with pytest.raises(ValueError, match="loop.preset"):
+        cfg(**{"loop.preset": "a/b"})
+    c = cfg(**{"data.root_offset": 5, "loop.tokens_per_stage": 4 * 48 * 3})
+    s1 = stage_config(c, 1, 10)
+    assert (s1.stage, s1.data.root_offset, s1.data.num_roots) == (1, 15, 10)
+    assert s1.train.train_steps == 3  # 576 tokens / (4 sequences × 48 tokens)
+    assert c.hash() != s1.hash()  # each stage's dataset has its own config hash

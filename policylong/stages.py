@@ -1,0 +1,168 @@
+"""The on-policy stage loop (paper §3.2, Algorithm 1): for t = 0..T-1, screen a fresh root set
+D_t with the current model M_t, write S_t, train M_t on S_t into M_{t+1}.
+
+    WORKDIR/runs/<preset>/stage_<t>/   S_t (stage dataset: data.bin/.idx, manifest, provenance)
+    WORKDIR/runs/<preset>/ckpt_<t+1>/  M_{t+1} (Megatron checkpoint, metrics.jsonl)
+    WORKDIR/runs/<preset>/loop.json    one entry per finished step of the loop
+
+Screening is in-process and on-policy: M_t is the Megatron model itself (built from the
+checkpoint of the previous stage, or from the HF start model for t = 0), served to the
+screening pipeline by ``megatron_ext.lm.MegatronLanguageModel``; no checkpoint is converted.
+
+Resumable at every step: a complete stage folder is never screened again (a ``.partial`` one
+resumes), a checkpoint that reached its planned steps is never trained again (a partial one
+resumes from its last save).
+
+Scope of this version: screening runs in a world of one process. Data-parallel screening
+(roots split over DP ranks, shards merged into one indexed dataset) is not built yet; a
+larger world is refused with a clear error before any work.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+
+from policylong.config import Config
+
+log = logging.getLogger("policylong.stages")
+
+
+def run_dir(cfg: Config) -> str:
+    return os.path.join(cfg.workdir, "runs", cfg.loop.preset)
+
+
+def _count_docs(cfg: Config) -> int:
+    from policylong.corpus import read_documents
+
+    return len(read_documents(cfg.path(cfg.corpus.docs)))
+
+
+def stage_config(cfg: Config, t: int, roots_per_stage: int) -> Config:
+    """The screening config of stage t: its disjoint root range and stage index."""
+    c = copy.deepcopy(cfg)
+    c.stage = t
+    c.data.root_offset = cfg.data.root_offset + t * roots_per_stage
+    c.data.num_roots = roots_per_stage
+    if cfg.loop.tokens_per_stage:
+        steps = cfg.loop.tokens_per_stage // (cfg.train.global_batch_size * cfg.data.seq_length)
+        c.train.train_steps = max(1, steps)
+    return c
+
+
+def checkpoint_done(ckpt: str) -> bool:
+    """True when a checkpoint folder reached the steps its stage planned."""
+    from policylong.megatron_ext.train import is_megatron_checkpoint, latest_iteration, read_meta
+
+    if not is_megatron_checkpoint(ckpt):
+        return False
+    it = latest_iteration(ckpt)
+    return it is not None and it >= int(read_meta(ckpt).get("train_steps", 1 << 62))
+
+
+def _screening_model(cfg: Config, src: str):
+    """M_t as a LanguageModel: the Megatron model built from ``src`` in this process."""
+    from policylong.megatron_ext import model as M
+    from policylong.megatron_ext import train as T
+    from policylong.megatron_ext.lm import MegatronLanguageModel
+    from policylong.megatron_ext.parallel import init_distributed
+
+    init_distributed(cfg.parallel, seed=cfg.seed)
+    hf_cfg, meta_dir = T.resolve_start(src)
+    model = M.build_gpt_model(hf_cfg, T.model_options(cfg), max_seq_length=cfg.data.seq_length)
+    T.load_start_weights(model, src, hf_cfg)
+    return MegatronLanguageModel(model, hf_cfg, meta_dir)
+
+
+def run_stages(cfg: Config) -> list[dict]:
+    """Run (or resume) the loop; returns one summary per stage."""
+    from policylong.megatron_ext.train import train_stage
+    from policylong.retrieval import Embedder, PassageIndex
+    from policylong.screening.pipeline import screen_stage
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != 1:
+        raise ValueError(
+            f"policylong run: WORLD_SIZE = {world}, but data-parallel screening is not built "
+            "yet; run the loop as one process (train a stage on many GPUs with "
+            "`policylong train`)"
+        )
+    T = cfg.loop.stages
+    R = cfg.loop.roots_per_stage
+    if R == 0:
+        R = (_count_docs(cfg) - cfg.data.root_offset) // T
+        if R < 1:
+            raise ValueError(
+                f"{cfg.path(cfg.corpus.docs)}: too few documents for {T} stages of disjoint roots"
+            )
+    root = run_dir(cfg)
+    os.makedirs(root, exist_ok=True)
+    index = PassageIndex.load(
+        cfg.path(cfg.retrieval.index_dir), cfg.retrieval.use_gpu, nprobe=cfg.retrieval.nprobe
+    )
+    emb = Embedder(cfg.retrieval.embedder, batch_size=cfg.retrieval.batch_size)
+    history_path = os.path.join(root, "loop.json")
+    history = []
+    if os.path.isfile(history_path):
+        with open(history_path) as f:
+            history = json.load(f)
+    done_stages = {h["stage"] for h in history}
+    out = []
+    for t in range(T):
+        scfg = stage_config(cfg, t, R)
+        stage_dir = os.path.join(root, f"stage_{t}")
+        ckpt = os.path.join(root, f"ckpt_{t + 1}")
+        prev = cfg.loop.start if t == 0 else os.path.join(root, f"ckpt_{t}")
+        screener_src = prev if cfg.loop.on_policy else cfg.loop.start
+        t0 = time.time()
+        if not os.path.isfile(os.path.join(stage_dir, "manifest.json")):
+            log.info(
+                "stage %d: screening roots [%d, %d) with %s",
+                t,
+                scfg.data.root_offset,
+                scfg.data.root_offset + R,
+                screener_src,
+            )
+            lm = _screening_model(scfg, screener_src)
+            screen_stage(
+                scfg,
+                lm,
+                index,
+                emb,
+                stage_dir,
+                model_desc=os.path.abspath(screener_src)
+                if os.path.exists(screener_src)
+                else screener_src,
+            )
+            del lm
+        screen_s = time.time() - t0
+        t1 = time.time()
+        if not checkpoint_done(ckpt):
+            log.info("stage %d: training %s -> %s", t, prev, ckpt)
+            train_stage(scfg, [stage_dir], prev, ckpt)
+        summary = {
+            "stage": t,
+            "stage_dir": stage_dir,
+            "checkpoint": ckpt,
+            "screened_with": screener_src,
+            "screen_seconds": round(screen_s, 1),
+            "train_seconds": round(time.time() - t1, 1),
+        }
+        with open(os.path.join(stage_dir, "manifest.json")) as f:
+            summary["stats"] = json.load(f).get("stats", {})
+        with open(os.path.join(ckpt, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        summary["final_loss"] = rows[-1]["loss"] if rows else None
+        if t not in done_stages:
+            history.append({k: v for k, v in summary.items() if k != "stats"})
+            with open(history_path + ".tmp", "w") as f:
+                json.dump(history, f, indent=2)
+            os.replace(history_path + ".tmp", history_path)
+        log.info(
+            "stage %d done: %s", t, json.dumps({k: v for k, v in summary.items() if k != "stats"})
+        )
+        out.append(summary)
+    return out

@@ -50,51 +50,20 @@ class MegatronLanguageModel:
     def final_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens [b, s]`` -> hidden states after the final norm ``[b, s, d]``, every rank."""
         from megatron.core import parallel_state as ps
-        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from .model import forward_only
 
         m = self.model
         tokens = tokens.to(self.device)
         b, s = tokens.shape
-        pos = torch.arange(s, device=self.device)[None].expand(b, s)
-        out = {}
-
-        def step(data_iterator, model):
-            x = next(data_iterator)
-            h = model(x, pos, None)
-
-            def keep(t):
-                out["h"] = t
-                return t.sum() * 0.0, {}
-
-            return h, keep
-
-        was_training = m.training
+        h = forward_only(m, tokens, hidden_only=True)  # [s, b, d] on the last stage
         last = ps.is_pipeline_last_stage()
-        saved = m.post_process
-        m.eval()
-        if last:
-            # GPTModel returns the decoder output (final norm applied) when post_process is
-            # off: the output layer, hence [b, s, vocab] logits, is skipped
-            m.post_process = False
-        try:
-            get_forward_backward_func()(
-                forward_step_func=step,
-                data_iterator=iter([tokens]),
-                model=[m],
-                num_microbatches=1,
-                seq_length=s,
-                micro_batch_size=b,
-                forward_only=True,
-            )
-        finally:
-            m.post_process = saved
-            m.train(was_training)
         pp = ps.get_pipeline_model_parallel_world_size()
         d = m.config.hidden_size
         if pp == 1:
-            return out["h"].transpose(0, 1)
+            return h.transpose(0, 1)
         if last:
-            h = out["h"].transpose(0, 1).contiguous()
+            h = h.transpose(0, 1).contiguous()
         else:
             h = torch.empty(b, s, d, dtype=m.config.params_dtype, device=self.device)
         src = ps.get_pipeline_model_parallel_last_rank()

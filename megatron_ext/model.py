@@ -595,13 +595,14 @@ def export_hf(model, cfg: dict, opts: ModelOptions, out_dir: str, meta_dir: str 
 # -- forward (tests, evaluation) ----------------------------------------------------------------
 
 
-def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor | None:
-    """Logits ``[b, s, V_padded]`` (float32, TP-gathered; rows past the HF vocabulary are the
-    zero pad rows) of ``tokens [b, s]`` through every pipeline stage; returned on the last
-    stage, None elsewhere. Collective over the model-parallel group."""
+def forward_only(model, tokens: torch.Tensor, hidden_only: bool = False):
+    """One forward-only pass of ``tokens [b, s]`` through the pipeline schedule. Returns the
+    last stage's output, None on the other stages: logits ``[b, s, V_local]``, or with
+    ``hidden_only`` the decoder output after the final norm ``[s, b, d]`` (GPTModel skips its
+    output layer when ``post_process`` is off, so no logits are built). Collective over the
+    model-parallel group; the model's train/eval mode is restored."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     b, s = tokens.shape
     pos = torch.arange(s, device=tokens.device)[None].expand(b, s)
@@ -609,26 +610,43 @@ def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor | None:
 
     def step(data_iterator, m):
         x = next(data_iterator)
-        logits = m(x, pos, None)
+        y = m(x, pos, None)
 
         def keep(t):
-            out["logits"] = t
+            out["y"] = t
             return t.sum() * 0.0, {}
 
-        return logits, keep
+        return y, keep
 
+    was_training, saved = model.training, model.post_process
+    last = ps.is_pipeline_last_stage()
     model.eval()
-    with torch.no_grad():
-        get_forward_backward_func()(
-            forward_step_func=step,
-            data_iterator=iter([tokens]),
-            model=[model],
-            num_microbatches=1,
-            seq_length=s,
-            micro_batch_size=b,
-            forward_only=True,
-        )
-    if not ps.is_pipeline_last_stage():
+    if hidden_only and last:
+        model.post_process = False
+    try:
+        with torch.no_grad():
+            get_forward_backward_func()(
+                forward_step_func=step,
+                data_iterator=iter([tokens]),
+                model=[model],
+                num_microbatches=1,
+                seq_length=s,
+                micro_batch_size=b,
+                forward_only=True,
+            )
+    finally:
+        model.post_process = saved
+        model.train(was_training)
+    return out["y"] if last else None
+
+
+def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Logits ``[b, s, V_padded]`` (float32, TP-gathered; rows past the HF vocabulary are the
+    zero pad rows) of ``tokens [b, s]`` through every pipeline stage; returned on the last
+    stage, None elsewhere. Collective over the model-parallel group."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    logits = forward_only(model, tokens)
+    if logits is None:
         return None
-    full = gather_from_tensor_model_parallel_region(out["logits"].float())
-    return full
+    return gather_from_tensor_model_parallel_region(logits.float())

@@ -50,14 +50,33 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
+def _run(kind: str, method: str, h, w, x):
+    """One call of ``method``: materialised logits + log_softmax, the cuBLAS matmul or device
+    copy rooflines, or the entropy functions with the chunked (torch) or Triton backend."""
+    import torch
+
+    from policylong.kernels import fused_linear_entropy, logits_entropy
+
+    if method == "materialised":
+        logits = (h @ w.T).float() if kind == "linear" else x.float()
+        lp = torch.log_softmax(logits, -1)
+        return -(lp.exp() * lp).sum(-1)
+    if method == "matmul":
+        return h @ w.T
+    if method == "copy":
+        return x.clone()
+    backend = "torch" if method == "chunked" else "triton"
+    if kind == "linear":
+        return fused_linear_entropy(h, w, backend=backend)
+    return logits_entropy(x, backend=backend)
+
+
 def _worker(
     kind: str, method: str, n: int, d: int, v: int, dtype: str, device: str, reps: int, q
 ) -> None:
     import gc
 
     import torch
-
-    from policylong.kernels import fused_linear_entropy, logits_entropy
 
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)
@@ -67,21 +86,11 @@ def _worker(
         w = (torch.randn(v, d, generator=g) * 0.05).to(dt).to(device)
         x = None
     else:
+        h = w = None
         x = (torch.randn(n, v, generator=g) * 2).to(dt).to(device)
 
     def run():
-        if method == "materialised":
-            logits = (h @ w.T).float() if kind == "linear" else x.float()
-            lp = torch.log_softmax(logits, -1)
-            return -(lp.exp() * lp).sum(-1)
-        if method == "matmul":
-            return h @ w.T
-        if method == "copy":
-            return x.clone()
-        backend = "torch" if method == "chunked" else "triton"
-        if kind == "linear":
-            return fused_linear_entropy(h, w, backend=backend)
-        return logits_entropy(x, backend=backend)
+        return _run(kind, method, h, w, x)
 
     out = run()  # warm-up / compile
     del out
@@ -152,10 +161,9 @@ def measure_cuda_group(kind, methods, n, d, v, dtype, device):
     import torch
     import triton.testing
 
-    from policylong.kernels import fused_linear_entropy, logits_entropy
-
     dt = getattr(torch, dtype)
     g = torch.Generator(device=device).manual_seed(0)
+    h = w = x = None
     if kind == "linear":
         h = (torch.randn(n, d, generator=g, device=device) * 0.05).to(dt)
         w = (torch.randn(v, d, generator=g, device=device) * 0.05).to(dt)
@@ -163,18 +171,7 @@ def measure_cuda_group(kind, methods, n, d, v, dtype, device):
         x = (torch.randn(n, v, generator=g, device=device) * 2).to(dt)
 
     def run(method):
-        if method == "materialised":
-            logits = (h @ w.T).float() if kind == "linear" else x.float()
-            lp = torch.log_softmax(logits, -1)
-            return -(lp.exp() * lp).sum(-1)
-        if method == "matmul":
-            return h @ w.T
-        if method == "copy":
-            return x.clone()
-        backend = "torch" if method == "chunked" else "triton"
-        if kind == "linear":
-            return fused_linear_entropy(h, w, backend=backend)
-        return logits_entropy(x, backend=backend)
+        return _run(kind, method, h, w, x)
 
     rows, outs = [], {}
     for method in methods:

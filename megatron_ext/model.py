@@ -369,23 +369,22 @@ def hf_to_local_state(model, cfg: dict, hf: HFWeights) -> dict:
     src = hf.dir
     out: dict[str, torch.Tensor] = {}
 
+    def get(name: str, shape) -> torch.Tensor:
+        return _check_shape(name, hf.get(name), shape, src)
+
     def rows(t, dim=0):
         return torch.chunk(t, tp, dim=dim)[tr]
 
     tied = bool(cfg.get("tie_word_embeddings", False))
     if "embedding.word_embeddings.weight" in keys:
-        e = _check_shape(
-            "model.embed_tokens.weight", hf.get("model.embed_tokens.weight"), (V, h), src
-        )
+        e = get("model.embed_tokens.weight", (V, h))
         out["embedding.word_embeddings.weight"] = rows(_pad_rows(e, Vp))
     if "output_layer.weight" in keys:
         name = "model.embed_tokens.weight" if tied else "lm_head.weight"
-        w = _check_shape(name, hf.get(name), (V, h), src)
+        w = get(name, (V, h))
         out["output_layer.weight"] = rows(_pad_rows(w, Vp))
     if "decoder.final_layernorm.weight" in keys:
-        out["decoder.final_layernorm.weight"] = _check_shape(
-            "model.norm.weight", hf.get("model.norm.weight"), (h,), src
-        )
+        out["decoder.final_layernorm.weight"] = get("model.norm.weight", (h,))
     heads = int(cfg["num_attention_heads"])
     groups = int(cfg.get("num_key_value_heads") or heads)
     hd = head_dim(cfg)
@@ -393,52 +392,21 @@ def hf_to_local_state(model, cfg: dict, hf: HFWeights) -> dict:
         p = f"decoder.layers.{local}"
         q = f"model.layers.{i}"
         attn_norm, mlp_norm = _norm_names(keys, p)
-        out[attn_norm] = _check_shape(
-            f"{q}.input_layernorm.weight", hf.get(f"{q}.input_layernorm.weight"), (h,), src
-        )
-        out[mlp_norm] = _check_shape(
-            f"{q}.post_attention_layernorm.weight",
-            hf.get(f"{q}.post_attention_layernorm.weight"),
-            (h,),
-            src,
-        )
-        qw = _check_shape(
-            f"{q}.self_attn.q_proj.weight",
-            hf.get(f"{q}.self_attn.q_proj.weight"),
-            (heads * hd, h),
-            src,
-        )
-        kw = _check_shape(
-            f"{q}.self_attn.k_proj.weight",
-            hf.get(f"{q}.self_attn.k_proj.weight"),
-            (groups * hd, h),
-            src,
-        )
-        vw = _check_shape(
-            f"{q}.self_attn.v_proj.weight",
-            hf.get(f"{q}.self_attn.v_proj.weight"),
-            (groups * hd, h),
-            src,
-        )
+        out[attn_norm] = get(f"{q}.input_layernorm.weight", (h,))
+        out[mlp_norm] = get(f"{q}.post_attention_layernorm.weight", (h,))
+        qw = get(f"{q}.self_attn.q_proj.weight", (heads * hd, h))
+        kw = get(f"{q}.self_attn.k_proj.weight", (groups * hd, h))
+        vw = get(f"{q}.self_attn.v_proj.weight", (groups * hd, h))
         out[f"{p}.self_attention.linear_qkv.weight"] = rows(_qkv_full(cfg, qw, kw, vw))
         if qkv_bias(cfg):
             qb, kb, vb = (hf.get(f"{q}.self_attn.{x}_proj.bias") for x in "qkv")
             out[f"{p}.self_attention.linear_qkv.bias"] = rows(_qkv_full(cfg, qb, kb, vb))
-        ow = _check_shape(
-            f"{q}.self_attn.o_proj.weight",
-            hf.get(f"{q}.self_attn.o_proj.weight"),
-            (h, heads * hd),
-            src,
-        )
+        ow = get(f"{q}.self_attn.o_proj.weight", (h, heads * hd))
         out[f"{p}.self_attention.linear_proj.weight"] = rows(ow, dim=1)
-        gate = _check_shape(
-            f"{q}.mlp.gate_proj.weight", hf.get(f"{q}.mlp.gate_proj.weight"), (f, h), src
-        )
-        up = _check_shape(f"{q}.mlp.up_proj.weight", hf.get(f"{q}.mlp.up_proj.weight"), (f, h), src)
+        gate = get(f"{q}.mlp.gate_proj.weight", (f, h))
+        up = get(f"{q}.mlp.up_proj.weight", (f, h))
         out[f"{p}.mlp.linear_fc1.weight"] = torch.cat([rows(gate), rows(up)])
-        down = _check_shape(
-            f"{q}.mlp.down_proj.weight", hf.get(f"{q}.mlp.down_proj.weight"), (h, f), src
-        )
+        down = get(f"{q}.mlp.down_proj.weight", (h, f))
         out[f"{p}.mlp.linear_fc2.weight"] = rows(down, dim=1)
     return out
 

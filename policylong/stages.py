@@ -13,9 +13,12 @@ Resumable at every step: a complete stage folder is never screened again (a ``.p
 resumes), a checkpoint that reached its planned steps is never trained again (a partial one
 resumes from its last save).
 
-Scope of this version: screening runs in a world of one process. Data-parallel screening
-(roots split over DP ranks, shards merged into one indexed dataset) is not built yet; a
-larger world is refused with a clear error before any work.
+Under torchrun, every rank runs the loop: screening uses the same TP×PP layout as training,
+each data-parallel replica screens its share of the root batches (its TP/PP ranks run the same
+forwards, the replica's first rank writes its progress), and global rank 0 merges the shards
+into one stage dataset, byte-identical to the one a single process writes
+(``screening.pipeline.Shard``). Context parallelism > 1 is refused for in-loop screening: the
+model then expects sequences split over the CP ranks; screen with the HF backend instead.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import copy
 import json
 import logging
 import os
+import signal
 import time
 
 from policylong.config import Config
@@ -77,6 +81,55 @@ def _screening_model(cfg: Config, src: str):
     return MegatronLanguageModel(model, hf_cfg, meta_dir)
 
 
+FAULT_ENV = "POLICYLONG_FAULT"
+"""Fault injection for the resumability tests: a comma-separated list of ``screen:T:B`` (die
+after batch B of stage T's screening is on disk), ``train:T:S`` (die after training step S of
+stage T) and ``stage:T`` (die after stage T finished, before it is recorded in loop.json).
+"Die" is SIGKILL: nothing is flushed or cleaned up, as in a preempted job."""
+
+
+def _faults() -> set[str]:
+    return {f.strip() for f in os.environ.get(FAULT_ENV, "").split(",") if f.strip()}
+
+
+def _die_if(point: str) -> None:
+    if point in _faults():
+        log.warning("%s=%s: killing this process at %s", FAULT_ENV, os.environ[FAULT_ENV], point)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_step(t: int) -> int | None:
+    for f in _faults():
+        kind, _, rest = f.partition(":")
+        if kind == "train" and rest.split(":")[0] == str(t):
+            return int(rest.split(":")[1])
+    return None
+
+
+def _shard():
+    """This process's place in data-parallel screening (one process: the defaults)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from policylong.screening.pipeline import Shard
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return Shard()
+    first = (
+        ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_pipeline_model_parallel_rank() == 0
+        and ps.get_context_parallel_rank() == 0
+    )
+    return Shard(
+        rank=ps.get_data_parallel_rank(),
+        size=ps.get_data_parallel_world_size(),
+        writer=first,
+        leader=dist.get_rank() == 0,
+        barrier=dist.barrier,
+    )
+
+
 def run_stages(cfg: Config) -> list[dict]:
     """Run (or resume) the loop; returns one summary per stage."""
     from policylong.megatron_ext.train import train_stage
@@ -84,12 +137,14 @@ def run_stages(cfg: Config) -> list[dict]:
     from policylong.screening.pipeline import screen_stage
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != 1:
+    cfg.parallel.data_parallel(world)  # a layout that does not divide the world: stop now
+    if cfg.parallel.context_parallel > 1:
         raise ValueError(
-            f"policylong run: WORLD_SIZE = {world}, but data-parallel screening is not built "
-            "yet; run the loop as one process (train a stage on many GPUs with "
-            "`policylong train`)"
+            f"parallel.context_parallel = {cfg.parallel.context_parallel}: in-loop screening "
+            "runs the model on whole root documents, which CP > 1 splits over ranks; run "
+            "the loop with context_parallel = 1 or screen each stage with `policylong screen`"
         )
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     T = cfg.loop.stages
     R = cfg.loop.roots_per_stage
     if R == 0:
@@ -136,13 +191,16 @@ def run_stages(cfg: Config) -> list[dict]:
                 model_desc=os.path.abspath(screener_src)
                 if os.path.exists(screener_src)
                 else screener_src,
+                shard=_shard(),
+                on_batch=lambda b, _t=t: _die_if(f"screen:{_t}:{b}"),
             )
             del lm
         screen_s = time.time() - t0
         t1 = time.time()
         if not checkpoint_done(ckpt):
             log.info("stage %d: training %s -> %s", t, prev, ckpt)
-            train_stage(scfg, [stage_dir], prev, ckpt)
+            train_stage(scfg, [stage_dir], prev, ckpt, kill_at_step=_kill_step(t))
+            _die_if(f"stage:{t}")
         summary = {
             "stage": t,
             "stage_dir": stage_dir,
@@ -156,7 +214,7 @@ def run_stages(cfg: Config) -> list[dict]:
         with open(os.path.join(ckpt, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f if line.strip()]
         summary["final_loss"] = rows[-1]["loss"] if rows else None
-        if t not in done_stages:
+        if t not in done_stages and rank0:
             history.append({k: v for k, v in summary.items() if k != "stats"})
             with open(history_path + ".tmp", "w") as f:
                 json.dump(history, f, indent=2)

@@ -9,6 +9,13 @@ share its batch or on where an interrupted run resumed.
 Progress is appended to ``<out>.partial/progress.jsonl``, one line per finished batch of roots
 (fsync'ed); a rerun with the same config skips the finished batches. The stage folder appears
 only when the dataset, provenance and manifest are complete.
+
+Several processes (``Shard``): the batches still to screen are dealt round-robin over the
+data-parallel ranks; each model replica's writer appends to its own
+``progress.dp<rank>.jsonl``; once every rank is through, the leader merges all progress files in
+batch order into one stage dataset. The batch order, not the rank that screened a batch, fixes
+the dataset, so it is byte-identical for any number of ranks (and across a resume with another
+number of ranks).
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -266,6 +274,46 @@ class Screener:
 # -- a whole stage -----------------------------------------------------------------------------
 
 
+@dataclass
+class Shard:
+    """Where this process sits in a screening run of several processes (one process: defaults).
+
+    Communication is only ``barrier``; the caller builds it from its own process group, so the
+    pipeline holds no distributed state."""
+
+    rank: int = 0
+    """Data-parallel rank: the batches of roots still to screen are dealt round-robin by it."""
+    size: int = 1
+    """Data-parallel degree (number of model replicas screening at once)."""
+    writer: bool = True
+    """Writes this replica's progress file: exactly one process per replica (with TP/PP, the
+    other ranks of the replica run the same forwards but write nothing)."""
+    leader: bool = True
+    """Merges the progress of all replicas into the stage dataset: exactly one process."""
+    barrier: Callable[[], None] = field(default=lambda: None, repr=False)
+    """Waits for every process of the run."""
+
+    def __post_init__(self):
+        if self.size < 1 or not 0 <= self.rank < self.size:
+            raise ValueError(f"Shard.rank = {self.rank} is not in [0, size = {self.size})")
+        if self.leader and not (self.writer and self.rank == 0):
+            raise ValueError("Shard.leader must be the writer of data-parallel rank 0")
+
+
+def _progress_name(rank: int) -> str:
+    return "progress.jsonl" if rank == 0 else f"progress.dp{rank}.jsonl"
+
+
+def _read_all_progress(partial: str) -> dict[int, list[dict]]:
+    """Finished batches from every replica's progress file (read-only; a torn last line, from a
+    killed run, ends that file's good part)."""
+    done: dict[int, list[dict]] = {}
+    names = sorted(n for n in os.listdir(partial) if n.startswith("progress"))
+    for n in names:
+        done.update(_read_progress(os.path.join(partial, n), truncate=False))
+    return done
+
+
 def load_roots(cfg: Config, tokenizer) -> tuple[list[Root], dict[str, int]]:
     """The stage's root documents, tokenized and cut to the screening length."""
     path = cfg.path(cfg.corpus.docs)
@@ -315,7 +363,7 @@ def materialize(
     return toks
 
 
-def _read_progress(path: str) -> dict[int, list[dict]]:
+def _read_progress(path: str, truncate: bool = True) -> dict[int, list[dict]]:
     done: dict[int, list[dict]] = {}
     if not os.path.isfile(path):
         return done
@@ -328,8 +376,9 @@ def _read_progress(path: str) -> dict[int, list[dict]]:
                 good += len(line)
             except (json.JSONDecodeError, KeyError, ValueError):
                 break  # a torn last line from a killed run
-    with open(path, "r+b") as f:
-        f.truncate(good)
+    if truncate:
+        with open(path, "r+b") as f:
+            f.truncate(good)
     return done
 
 
@@ -380,19 +429,28 @@ def screen_stage(
     model_desc: str = "",
     overwrite: bool = False,
     progress: bool = True,
+    shard: Shard | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict:
-    """Screen the configured roots and write the stage dataset to ``out_dir``."""
+    """Screen the configured roots and write the stage dataset to ``out_dir``.
+
+    With ``shard`` (several processes), every process calls this with the same arguments; each
+    screens its share of the batches and the leader writes the dataset. Every process returns
+    the manifest."""
     from tqdm import tqdm
 
-    from policylong.datasets import commit, write_stage_dataset
+    from policylong.datasets import commit, load_manifest, write_stage_dataset
 
+    sh = shard or Shard()
     if os.path.exists(out_dir):
         if not overwrite:
             raise FileExistsError(
                 f"{out_dir} already exists (a complete stage dataset); pass "
                 "--overwrite to rebuild it"
             )
-        shutil.rmtree(out_dir)
+        sh.barrier()  # every rank has seen it before the leader removes it
+        if sh.leader:
+            shutil.rmtree(out_dir)
     t0 = time.time()
     tok = lm.tokenizer
     roots, skipped = load_roots(cfg, tok)
@@ -401,41 +459,56 @@ def screen_stage(
     chash = cfg.hash()
     state_path = os.path.join(partial, "state.json")
     state = {"config_hash": chash, "model": model_desc, "roots": len(roots)}
-    if os.path.isdir(partial):
-        try:
-            with open(state_path) as f:
-                old = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if old != state:
-            log.warning("%s: left by a run with another config or model; starting over", partial)
-            shutil.rmtree(partial)
-    os.makedirs(partial, exist_ok=True)
-    with open(state_path, "w") as f:
-        json.dump(state, f)
-    prog_path = os.path.join(partial, "progress.jsonl")
-    done = _read_progress(prog_path)
+    if sh.leader:
+        if os.path.isdir(partial):
+            try:
+                with open(state_path) as f:
+                    old = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                old = None
+            if old != state:
+                log.warning(
+                    "%s: left by a run with another config or model; starting over", partial
+                )
+                shutil.rmtree(partial)
+        os.makedirs(partial, exist_ok=True)
+        with open(state_path, "w") as f:
+            json.dump(state, f)
+    sh.barrier()  # the partial folder is ready
+    done = _read_all_progress(partial)
+    sh.barrier()  # everyone agrees on what is done before anyone appends
     nb = math.ceil(len(roots) / ROOTS_PER_BATCH)
-    if done:
+    todo = [b for b in range(nb) if b not in done][sh.rank :: sh.size]
+    if done and sh.leader:
         log.info("resuming %s: %d of %d batches already screened", out_dir, len(done), nb)
-    bar = tqdm(
-        total=len(roots),
-        desc=f"screen stage {cfg.stage}",
-        disable=not progress,
-        initial=sum(len(v) for v in done.values()),
-    )
-    with open(prog_path, "ab") as pf:
-        for b in range(nb):
-            if b in done:
-                continue
+    if sh.size > 1 and sh.writer:
+        log.info("data-parallel rank %d of %d screens %d batches", sh.rank, sh.size, len(todo))
+    mine = sum(len(roots[b * ROOTS_PER_BATCH : (b + 1) * ROOTS_PER_BATCH]) for b in todo)
+    bar = tqdm(total=mine, desc=f"screen stage {cfg.stage}", disable=not (progress and sh.writer))
+    prog_path = os.path.join(partial, _progress_name(sh.rank))
+    if sh.writer and os.path.isfile(prog_path):
+        _read_progress(prog_path)  # cut this replica's torn last line before appending
+    pf = open(prog_path, "ab") if sh.writer else None
+    try:
+        for b in todo:
             batch = roots[b * ROOTS_PER_BATCH : (b + 1) * ROOTS_PER_BATCH]
             recs = screener.screen_batch(batch)
-            pf.write((json.dumps({"batch": b, "records": recs}) + "\n").encode())
-            pf.flush()
-            os.fsync(pf.fileno())
-            done[b] = recs
+            if pf is not None:
+                pf.write((json.dumps({"batch": b, "records": recs}) + "\n").encode())
+                pf.flush()
+                os.fsync(pf.fileno())
             bar.update(len(batch))
+            if on_batch is not None:
+                on_batch(b)
+    finally:
+        if pf is not None:
+            pf.close()
     bar.close()
+    sh.barrier()  # every replica's progress is on disk
+    done = _read_all_progress(partial)
+    missing = [b for b in range(nb) if b not in done]
+    if missing:
+        raise RuntimeError(f"{partial}: batches {missing[:5]} were not screened by any rank")
     records = [r for b in range(nb) for r in done[b]]
     stats = aggregate_stats(records, skipped["too_short"], len(roots) + skipped["too_short"])
     ok = [r for r in records if r["status"] == "ok"]
@@ -446,6 +519,9 @@ def screen_stage(
             f"{len(records)} roots ({reasons}); the partial results stay in "
             f"{partial}"
         )
+    if not sh.leader:
+        sh.barrier()  # the leader writes and commits the stage
+        return load_manifest(out_dir)
     log.info(
         "screened %d roots: %d sequences, %d positives, %d negatives, skipped %s",
         len(records),
@@ -505,7 +581,9 @@ def screen_stage(
     }
     with open(os.path.join(partial, "timing.json"), "w") as f:
         json.dump(timing, f, indent=2)
-    os.remove(prog_path)
+    for n in os.listdir(partial):
+        if n.startswith("progress"):
+            os.remove(os.path.join(partial, n))
     os.remove(state_path)
     commit(partial, out_dir)
     log.info(
@@ -515,4 +593,5 @@ def screen_stage(
         cfg.data.seq_length,
         elapsed,
     )
+    sh.barrier()
     return manifest

@@ -167,34 +167,12 @@ def cmd_pretrain_base(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import time
+    from policylong.demo import run_demo
 
-    from policylong.synthetic import generate_corpus
-
-    cfg = _config(args)
-    t0 = time.time()
-    corpus = cfg.path("corpus")
-    if not os.path.isfile(os.path.join(corpus, "ground_truth.jsonl")):
-        counts = generate_corpus(corpus, num_roots=args.roots, seed=cfg.seed)
-        log.info("demo: synthetic corpus %s", counts)
-    index_dir = cfg.path(cfg.retrieval.index_dir)
-    if not os.path.isfile(os.path.join(index_dir, "meta.json")):
-        build_index(cfg)
-    out = os.path.join(cfg.workdir, "runs", "demo", f"stage_{cfg.stage}")
-    m = run_screen(cfg, out, overwrite=True)
-    gt = m["stats"].get("ground_truth", {})
-    summary = {
-        "stage_dir": out,
-        "sequences": m["num_sequences"],
-        "seq_length": m["seq_length"],
-        "recall": gt.get("recall"),
-        "precision_nll_guard": gt.get("precision"),
-        "precision_entropy_only": gt.get("precision_entropy_only"),
-        "wrong_value_admitted_guard": gt.get("admitted_with_guard", {}).get("wrong_value"),
-        "wrong_value_admitted_entropy_only": gt.get("admitted_entropy_only", {}).get("wrong_value"),
-        "hard_negative_distractor_recall": gt.get("hard_negative_distractor_recall"),
-        "seconds": round(time.time() - t0, 1),
-    }
+    overrides = list(args.set or [])
+    if args.workdir:
+        overrides.append(f"workdir={args.workdir}")
+    summary = run_demo(args.config, overrides, roots=args.roots)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -260,6 +238,56 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from policylong.report import loop_report
+
+    cfg = _config(args)
+    presets = args.presets
+    if not presets:
+        runs = os.path.join(cfg.workdir, "runs")
+        presets = sorted(
+            p
+            for p in (os.listdir(runs) if os.path.isdir(runs) else [])
+            if os.path.isfile(os.path.join(runs, p, "loop.json"))
+        )
+        if not presets:
+            raise FileNotFoundError(
+                f"{runs}: no loop run (no runs/*/loop.json); run `policylong run`"
+            )
+    rep = loop_report(cfg, presets, args.lengths, n_niah=args.n)
+    print(json.dumps(summarize_report(rep), indent=2))
+    log.info("wrote %s", ", ".join(rep["plots"]))
+    return 0
+
+
+def summarize_report(rep: dict) -> dict:
+    """The numbers a person reads first: per run and stage, difficulty gap, landscape mean,
+    probe accuracy at the longest length."""
+    longest = str(max(rep["lengths"]))
+    out = {"M_0": {"landscape_mean": round(rep["M_0"]["landscape_mean"], 4)}}
+    out["M_0"]["accuracy_at_longest"] = {
+        t: round(v[int(longest)]["accuracy"], 3) for t, v in rep["M_0"]["probes"].items()
+    }
+    for p, r in rep["runs"].items():
+        out[p] = []
+        for s in r["stages"]:
+            out[p].append(
+                {
+                    "stage": s["stage"],
+                    "difficulty_gap": round(s["difficulty"]["gap"], 4)
+                    if "difficulty" in s
+                    else None,
+                    "landscape_mean_after": round(s["after"]["landscape_mean"], 4),
+                    "accuracy_at_longest_after": {
+                        t: round(v[int(longest)]["accuracy"], 3)
+                        for t, v in s["after"]["probes"].items()
+                    },
+                    "final_train_loss": s["train_loss"][-1] if s["train_loss"] else None,
+                }
+            )
+    return out
+
+
 def _teardown() -> None:
     import torch.distributed as dist
 
@@ -285,8 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="CPU demo on the embedded default: corpus, index, screen")
     _add_config_args(p)
-    p.add_argument("--roots", type=int, default=60, help="synthetic root documents")
+    p.add_argument(
+        "--roots",
+        type=int,
+        default=None,
+        help="synthetic root documents (default: stages x roots_per_stage + 24 held out)",
+    )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="per-stage report of loop runs: JSON + PNG plots")
+    _add_config_args(p)
+    p.add_argument("--presets", nargs="+", help="runs to report (default: every runs/*/loop.json)")
+    p.add_argument("--lengths", nargs="+", type=int, default=[256, 512, 1024], help="probe lengths")
+    p.add_argument("--n", type=int, default=12, help="probes per NIAH task and length")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("synth", help="write a synthetic corpus with planted dependencies")
     p.add_argument("--out", required=True, help="output folder (docs/passages/ground_truth)")

@@ -13,6 +13,11 @@ Tasks:
   niah_multikey    four facts with the same attribute for four entities; query one of them.
   niah_multivalue  four facts about one entity (code, city, pet, locker); query each value.
   niah_multiquery  four facts for four entities; query all four in turn.
+  planted          planted-dependency recall on held-out root documents of a synthetic corpus:
+                   the root at the end, its defining passages at random depths among corpus
+                   passages that fill the probe to its length; each use of a fact in the root
+                   (``... the access code of E is V``) is scored at V. This is the dependency
+                   the training data teaches, at a distance set by the length.
 Variable tracking (RULER's VT) needs assignment chains the synthetic language cannot express;
 it is not implemented.
 
@@ -143,6 +148,95 @@ def score_probes(lm, probes: list[Probe], batch_size: int = 4) -> dict:
         "nll": float(nll.mean()),
         "n": int(tgt.numel()),
     }
+
+
+def build_planted_probe(
+    tok,
+    root_text: str,
+    facts: list[dict],
+    passages: dict[str, str],
+    length: int,
+    rng,
+    ctx_id: int,
+    control: bool = False,
+) -> Probe:
+    """The root document at the end of about ``length`` tokens; before it, in random order,
+    its facts' defining passages (``control``: left out) and passages drawn from ``passages``
+    that are none of the root's (neither its facts nor their distractors)."""
+    root = encode(tok, root_text)
+    own = {f[k] for f in facts for k in ("passage", "different_entity", "wrong_value")}
+    pool = sorted(k for k in passages if k not in own)
+    chunks = [] if control else [encode(tok, passages[f["passage"]]) for f in facts]
+    budget = length - 1 - len(root) - sum(map(len, chunks))
+    for i in rng.permutation(len(pool)):
+        if budget <= 0:
+            break
+        c = encode(tok, passages[pool[int(i)]])[:budget]
+        chunks.append(c)
+        budget -= len(c)
+    order = rng.permutation(len(chunks))
+    seq = [ctx_id] + [t for i in order for t in chunks[int(i)]]
+    off = len(seq)
+    seq += root
+    targets = []
+    for f in facts:
+        use = _query(tok, f["attribute"], f["entity"]) + encode(tok, f["value"])[:1]
+        for j in range(len(root) - len(use) + 1):
+            if root[j : j + len(use)] == use:
+                targets.append((off + j + len(use) - 2, use[-1]))
+                break
+        else:
+            raise ValueError(f"root {root_text[:40]!r}...: no use of the fact {f}")
+    return Probe(seq, targets)
+
+
+def evaluate_planted(
+    lm,
+    corpus_dir: str,
+    root_ids: list[str],
+    lengths: list[int],
+    seed: int = 0,
+    batch_size: int = 4,
+) -> dict:
+    """``{length: {"accuracy", "nll", "n", "control_accuracy", "control_nll", "tokens"}}`` of
+    the planted-dependency probe over ``root_ids`` (held out from training) of the synthetic
+    corpus in ``corpus_dir`` (docs.jsonl, passages.jsonl, ground_truth.jsonl)."""
+    import json
+    import os
+
+    from policylong.corpus import read_documents
+
+    docs = {d.id: d.text for d in read_documents(os.path.join(corpus_dir, "docs.jsonl"))}
+    passages = {d.id: d.text for d in read_documents(os.path.join(corpus_dir, "passages.jsonl"))}
+    gt = {}
+    with open(os.path.join(corpus_dir, "ground_truth.jsonl")) as f:
+        for line in f:
+            if line.strip():
+                o = json.loads(line)
+                gt[o["root"]] = o["facts"]
+    missing = [r for r in root_ids if r not in gt or r not in docs]
+    if missing:
+        raise ValueError(f"{corpus_dir}: no root document / ground truth for {missing[:5]}")
+    tok = lm.tokenizer
+    ctx = lm.ctx_id if hasattr(lm, "ctx_id") else int(tok.bos_token_id or tok.eos_token_id)
+    out = {}
+    for length in lengths:
+
+        def gen(i, r, control, _l=length):
+            rng = np.random.default_rng([seed, 99, _l, i])
+            return build_planted_probe(tok, docs[r], gt[r], passages, _l, rng, ctx, control)
+
+        probes = [gen(i, r, False) for i, r in enumerate(root_ids)]
+        ctrl = [gen(i, r, True) for i, r in enumerate(root_ids)]
+        res = score_probes(lm, probes, batch_size)
+        c = score_probes(lm, ctrl, batch_size)
+        out[int(length)] = {
+            **res,
+            "control_accuracy": c["accuracy"],
+            "control_nll": c["nll"],
+            "tokens": int(np.mean([len(p.tokens) for p in probes])),
+        }
+    return out
 
 
 def evaluate(

@@ -34,6 +34,58 @@ from policylong.config import Config
 
 log = logging.getLogger("policylong.stages")
 
+PRESETS: dict[str, dict[str, dict]] = {
+    # PolicyLong (full): iteration + adaptive percentile (curriculum) + on-policy hard negatives
+    "policylong": {
+        "loop": {"on_policy": True},
+        "screening": {"verify": True, "position_mode": "percentile", "negatives": "onpolicy"},
+    },
+    # EntropyLong: static data from M_0, fixed mu + 2 sigma threshold, no hard negatives (the
+    # rest of L is random passages). Run as T stages screened by M_0 so that its intermediate
+    # models exist for the Fig. 3 comparison; stages=1 gives the single-stage original.
+    "entropylong": {
+        "loop": {"on_policy": False},
+        "screening": {"verify": True, "position_mode": "sigma", "negatives": "random"},
+    },
+    # NExtLong: embedding-nearest hard negatives around the root, no entropy verification
+    "nextlong": {
+        "loop": {"on_policy": False},
+        "screening": {"verify": False, "negatives": "nearest"},
+    },
+    # ablations of the paper's Tables 3-4 (Iter. / HN / Curr.)
+    "ablation_iteration": {
+        "loop": {"on_policy": True},
+        "screening": {"verify": True, "position_mode": "sigma", "negatives": "random"},
+    },
+    "ablation_iteration_curriculum": {
+        "loop": {"on_policy": True},
+        "screening": {"verify": True, "position_mode": "percentile", "negatives": "random"},
+    },
+    "ablation_iteration_onpolicy_hn": {
+        "loop": {"on_policy": True},
+        "screening": {"verify": True, "position_mode": "sigma", "negatives": "onpolicy"},
+    },
+    "ablation_static_hn_curriculum": {
+        "loop": {"on_policy": False},
+        "screening": {"verify": True, "position_mode": "percentile", "negatives": "onpolicy"},
+    },
+}
+"""The method and its baselines and ablations as configuration (DESIGN.md: "baselines are
+presets, not code paths"). ``examples/configs/<name>.yaml`` spell out the same settings
+(tests check that they agree)."""
+
+
+def preset_overrides(name: str) -> list[str]:
+    """Dotted overrides that turn a config into the named preset (and name its run folder)."""
+    if name not in PRESETS:
+        raise ValueError(f"loop.preset {name!r}: one of {', '.join(PRESETS)}")
+    out = [f"loop.preset={name}"]
+    for section, kv in PRESETS[name].items():
+        out += [
+            f"{section}.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in kv.items()
+        ]
+    return out
+
 
 def run_dir(cfg: Config) -> str:
     return os.path.join(cfg.workdir, "runs", cfg.loop.preset)
@@ -130,29 +182,45 @@ def _shard():
     )
 
 
-def run_stages(cfg: Config) -> list[dict]:
-    """Run (or resume) the loop; returns one summary per stage."""
-    from policylong.megatron_ext.train import train_stage
-    from policylong.retrieval import Embedder, PassageIndex
-    from policylong.screening.pipeline import screen_stage
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg.parallel.data_parallel(world)  # a layout that does not divide the world: stop now
+def check_loop(cfg: Config, world: int = 1) -> int:
+    """Everything about a loop config that can be checked before any work; returns the roots
+    per stage. Raises ValueError naming the field."""
+    cfg.parallel.data_parallel(world)  # a layout that does not divide the world
     if cfg.parallel.context_parallel > 1:
         raise ValueError(
             f"parallel.context_parallel = {cfg.parallel.context_parallel}: in-loop screening "
             "runs the model on whole root documents, which CP > 1 splits over ranks; run "
             "the loop with context_parallel = 1 or screen each stage with `policylong screen`"
         )
+    T = cfg.loop.stages
+    n = _count_docs(cfg)
+    avail = n - cfg.data.root_offset
+    R = cfg.loop.roots_per_stage or avail // T
+    if R < 1 or T * R > avail:
+        raise ValueError(
+            f"{cfg.path(cfg.corpus.docs)}: {n} documents, data.root_offset = "
+            f"{cfg.data.root_offset}: too few root documents for loop.stages = {T} disjoint "
+            f"sets of loop.roots_per_stage = {R or cfg.loop.roots_per_stage} "
+            f"(needs {cfg.data.root_offset + T * max(R, 1)})"
+        )
+    per_step = cfg.train.global_batch_size * cfg.data.seq_length
+    if 0 < cfg.loop.tokens_per_stage < per_step:
+        raise ValueError(
+            f"loop.tokens_per_stage = {cfg.loop.tokens_per_stage} is less than one optimizer "
+            f"step (train.global_batch_size × data.seq_length = {per_step} tokens)"
+        )
+    return R
+
+
+def run_stages(cfg: Config) -> list[dict]:
+    """Run (or resume) the loop; returns one summary per stage."""
+    from policylong.megatron_ext.train import train_stage
+    from policylong.retrieval import Embedder, PassageIndex
+    from policylong.screening.pipeline import screen_stage
+
+    R = check_loop(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     rank0 = int(os.environ.get("RANK", "0")) == 0
     T = cfg.loop.stages
-    R = cfg.loop.roots_per_stage
-    if R == 0:
-        R = (_count_docs(cfg) - cfg.data.root_offset) // T
-        if R < 1:
-            raise ValueError(
-                f"{cfg.path(cfg.corpus.docs)}: too few documents for {T} stages of disjoint roots"
-            )
     root = run_dir(cfg)
     os.makedirs(root, exist_ok=True)
     index = PassageIndex.load(

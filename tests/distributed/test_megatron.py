@@ -556,3 +556,120 @@ def test_loop_killed_anywhere_resumes_to_the_same_result(loop_run, tmp_path):
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6), k
     assert len(json.loads((runs / "loop.json").read_text())) == 2
+
+
+def test_recipe_hook_in_a_pretrain_gpt_style_script(loop_run, tmp_path):
+    """examples/pretrain_gpt_policylong.py (its own model, optimizer and step; the stage loop
+    through megatron_ext.recipe.StageHook) under torchrun with DP=2: stage 0, screened by the
+    live model before any step, has the bytes of `policylong run`'s stage 0; stage 1 is
+    screened by the model after stage 0's steps, on disjoint roots; the loss is logged."""
+    w, sets = loop_run
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    metrics = tmp_path / "m.jsonl"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        f"--master-port={_free_port()}",
+        os.path.join(root, "examples", "pretrain_gpt_policylong.py"),
+        "--workdir",
+        str(w),
+        "--steps-per-stage",
+        "3",
+        "--metrics",
+        str(metrics),
+        *map(str, _sets("data.seq_length=512", *LOOP_SETS, "loop.preset=recipe")),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    with tempfile.TemporaryFile("w+") as log:
+        r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=900)
+        log.seek(0)
+        out = log.read()
+    assert r.returncode == 0, out[-4000:]
+    runs = w / "runs"
+    m = {
+        (p, t): json.loads((runs / p / f"stage_{t}" / "manifest.json").read_text())
+        for p in ("recipe", "policylong")
+        for t in (0, 1)
+    }
+    assert m["recipe", 0]["sha256"] == m["policylong", 0]["sha256"]
+    assert m["recipe", 1]["model"] == "live model before stage 1"
+    roots = [{p["root"] for p in _provenance(runs / "recipe" / f"stage_{t}")} for t in (0, 1)]
+    assert roots[0] and roots[1] and not roots[0] & roots[1]
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in rows] == [
+        (0, 1),
+        (0, 2),
+        (0, 3),
+        (1, 4),
+        (1, 5),
+        (1, 6),
+    ]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def _hf_nll_entropy(model_dir, seqs):
+    """Per sequence: float64 next-token NLL and entropy from a Hugging Face forward."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from policylong.basemodel import resolve_model_path
+
+    m = AutoModelForCausalLM.from_pretrained(resolve_model_path(str(model_dir))).double().eval()
+    out = []
+    with torch.no_grad():
+        for s in seqs:
+            x = torch.tensor([s])
+            lp = torch.log_softmax(m(x).logits[0].double(), -1)
+            nll = -lp[:-1].gather(1, x[0, 1:, None])[:, 0]
+            ent = -(lp.exp() * lp).sum(-1)
+            out.append((nll, ent))
+    return out
+
+
+def test_report_matches_hugging_face_reference(loop_run, tmp_path):
+    """`policylong report` on a finished run: the Fig. 3 losses Loss(M_0) and Loss(M_1) on the
+    stage-1 data and the entropy landscape of M_0 equal float64 Hugging Face forwards (M_1
+    exported to HF) within 1e-4; the JSON and the PNG plots are written."""
+    from policylong.basemodel import resolve_model_path
+    from policylong.corpus import encode, load_tokenizer, read_documents
+    from policylong.screening.positions import select_positions
+
+    w, sets = loop_run
+    rc, log = _cli("report", *sets, "--presets", "policylong", "--lengths", 128, 256, "--n", 4)
+    assert rc == 0, log[-4000:]
+    rep = json.loads((w / "report" / "report.json").read_text())
+    for name in ("landscape", "difficulty", "probes", "train_loss", "screening"):
+        assert (w / "report" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    st = rep["runs"]["policylong"]["stages"]
+    assert [s["stage"] for s in st] == [0, 1] and "difficulty" not in st[0]
+    # independent reading of stage 1's tokens: data.bin as raw integers
+    man = json.loads((w / "runs" / "policylong" / "stage_1" / "manifest.json").read_text())
+    raw = np.fromfile(w / "runs" / "policylong" / "stage_1" / "data.bin", dtype=man["dtype"])
+    seqs = raw.reshape(man["num_sequences"], man["seq_length"]).astype(np.int64).tolist()
+    rc, log = _cli(
+        "export", "--ckpt", w / "runs" / "policylong" / "ckpt_1", "--hf-out", tmp_path / "m1"
+    )
+    assert rc == 0, log[-3000:]
+    for model_dir, key in (("embedded", "loss_M0"), (tmp_path / "m1", "loss_Mt")):
+        ref = float(torch_cat([n for n, _ in _hf_nll_entropy(model_dir, seqs)]).mean())
+        assert abs(st[1]["difficulty"][key] - ref) < 1e-4, (key, st[1]["difficulty"][key], ref)
+    # landscape of M_0: entropy at its own top-5% positions of the held-out roots
+    tok = load_tokenizer(resolve_model_path("embedded"))
+    docs = {d.id: d.text for d in read_documents(str(w / "corpus" / "docs.jsonl"))}
+    ctx = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    roots = [[ctx] + encode(tok, docs[r])[:256] for r in rep["heldout_roots"]]
+    assert len(roots) == 4  # 24 documents, 2 stages x 10 roots
+    means = []
+    for (_, ent), r in zip(_hf_nll_entropy("embedded", roots), roots):
+        h = ent[: len(r) - 1].float()  # row i predicts root token i
+        pos = select_positions(h, "percentile", 5.0, 2.0, 1 << 30)
+        means.append(float(h[pos].double().mean()))
+    assert np.allclose(rep["models"]["M_0"]["landscape"], means, rtol=0, atol=1e-4)
+
+
+def torch_cat(xs):
+    import torch
+
+    return torch.cat(xs)

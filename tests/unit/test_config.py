@@ -67,3 +67,14 @@ def test_every_preset_loads(path):
 def test_missing_config_file():
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config("nope.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(__import__("policylong.stages").stages.PRESETS))
+def test_loop_presets_agree_with_their_yaml(name):
+    """Each baseline/ablation YAML gives the same config as the preset's overrides."""
+    from policylong.stages import preset_overrides
+
+    a = load_config(os.path.join(ROOT, "examples", "configs", f"{name}.yaml"))
+    b = load_config(None, preset_overrides(name))
+    assert a.to_dict() == b.to_dict()
+    assert a.loop.preset == name

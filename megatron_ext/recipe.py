@@ -1,0 +1,142 @@
+"""The stage loop as a hook for an existing Megatron training script (paper Algorithm 1).
+
+A ``pretrain_gpt``-style script keeps its model, optimizer and training step; between stages
+it asks the hook for the next stage's data, screened by the model it is training right now
+(on-policy, in-process: no checkpoint conversion)::
+
+    hook = StageHook(cfg, hf_cfg, tokenizer_dir)          # cfg: a policylong Config
+    for t in range(hook.num_stages):
+        stage_dir = hook.regenerate(model, t)            # every rank calls it (collective)
+        data = hook.data_iterator(t, micro_batch_size, consumed_samples=0)
+        for step in range(steps_per_stage):              # your own training step
+            train_step(forward_step, data, model, optimizer, scheduler)
+        save_checkpoint(...)
+
+With Megatron-LM's own ``pretrain()``, which builds its datasets from ``--data-path``, run it
+once per stage: ``hook.regenerate(model, t)`` at the end of stage t−1 (or a screening job
+between runs), then pass ``hook.data_path(t)`` as ``--data-path`` of stage t.
+``examples/pretrain_gpt_policylong.py`` is a complete script wired this way.
+
+Screening uses the script's parallel layout as ``policylong run`` does: each data-parallel
+replica screens its share of the roots, the TP ranks of a replica combine vocab-parallel
+entropies, global rank 0 writes the merged stage dataset. The stage folders, their resume
+behaviour and their bytes are those of ``policylong run`` (same config → same sha256).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from policylong.config import Config
+
+
+class StageHook:
+    """Regenerates stage datasets with the live model and serves them to a training loop.
+
+    Args:
+        cfg: PolicyLong config (screening, data, retrieval, loop sections are read).
+        hf_cfg: the HF config the GPTModel was built from (vocabulary, window).
+        tokenizer_dir: folder with the model's tokenizer (the HF start checkpoint).
+        index, embedder: a loaded ``PassageIndex`` / ``Embedder`` (default: from ``cfg``).
+    """
+
+    def __init__(self, cfg: Config, hf_cfg: dict, tokenizer_dir: str, index=None, embedder=None):
+        import torch.distributed as dist
+
+        from policylong.retrieval import Embedder, PassageIndex
+        from policylong.stages import check_loop, run_dir
+
+        self.cfg = cfg
+        self.hf_cfg = hf_cfg
+        self.tokenizer_dir = tokenizer_dir
+        self.num_stages = cfg.loop.stages
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.roots_per_stage = check_loop(cfg, world)
+        self.root = run_dir(cfg)
+        self.index = index or PassageIndex.load(
+            cfg.path(cfg.retrieval.index_dir), cfg.retrieval.use_gpu, nprobe=cfg.retrieval.nprobe
+        )
+        self.embedder = embedder or Embedder(cfg.retrieval.embedder, batch_size=cfg.retrieval.batch_size)
+
+    def stage_dir(self, t: int) -> str:
+        return os.path.join(self.root, f"stage_{t}")
+
+    def data_path(self, t: int) -> list[str]:
+        """Megatron-LM ``--data-path`` arguments for stage t (weight, prefix)."""
+        return ["1.0", os.path.join(os.path.abspath(self.stage_dir(t)), "data")]
+
+    @torch.no_grad()
+    def regenerate(self, model, t: int, model_desc: str = "megatron-live") -> str:
+        """Screen stage t's roots with ``model`` (this rank's GPTModel, possibly wrapped in DDP /
+        Float16Module) and write the stage dataset; a complete stage is returned as is, a
+        partial one resumes. Collective: every rank of the job calls it."""
+        from policylong.screening.pipeline import screen_stage
+        from policylong.stages import _shard, stage_config
+
+        from .lm import MegatronLanguageModel
+
+        out = self.stage_dir(t)
+        if os.path.isfile(os.path.join(out, "manifest.json")):
+            return out
+        core = _unwrap(model)
+        was_training = core.training
+        core.eval()
+        try:
+            lm = MegatronLanguageModel(core, self.hf_cfg, self.tokenizer_dir)
+            os.makedirs(self.root, exist_ok=True)
+            screen_stage(
+                stage_config(self.cfg, t, self.roots_per_stage),
+                lm,
+                self.index,
+                self.embedder,
+                out,
+                model_desc=model_desc,
+                shard=_shard(),
+            )
+        finally:
+            core.train(was_training)
+        return out
+
+    def dataset(self, t: int, num_samples: int):
+        """megatron-core ``GPTDataset`` over stage t (``num_samples`` samples, epochs as needed)."""
+        from policylong.datasets import load_manifest
+
+        from .data import build_gpt_dataset
+
+        d = self.stage_dir(t)
+        m = load_manifest(d)
+        return build_gpt_dataset(
+            [d], m["seq_length"], int(m["eod"]), seed=self.cfg.seed, num_samples=num_samples
+        )
+
+    def data_iterator(self, t: int, num_steps: int, start_step: int = 0):
+        """This data-parallel rank's micro-batches (dicts of ``tokens``, ``labels``,
+        ``loss_mask``, ``position_ids``) for optimizer steps ``[start_step, num_steps)`` of
+        stage t, ``global_batch_size / (micro_batch_size · DP)`` per step, in the order
+        ``policylong train`` uses (deterministic: a resumed run sees the same samples)."""
+        from megatron.core import parallel_state as ps
+
+        from .train import batch_indices, collate
+
+        tc = self.cfg.train
+        dp = ps.get_data_parallel_world_size()
+        dp_rank = ps.get_data_parallel_rank()
+        micro = tc.global_batch_size // (tc.micro_batch_size * dp)
+        ds = self.dataset(t, num_steps * tc.global_batch_size)
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+        for step in range(start_step, num_steps):
+            for j in range(micro):
+                yield collate(ds, batch_indices(step, j, self.cfg, dp_rank, dp), device)
+
+
+def _unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model

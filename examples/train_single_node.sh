@@ -2,7 +2,7 @@
 # One PolicyLong training stage on one node, under torchrun.
 #
 #   CPU (a world of 2 gloo ranks, the tiny config):
-#     NPROC=2 STAGE=demo_workdir/runs/demo/stage_0 TO=/tmp/ckpt_1 bash examples/train_single_node.sh
+#     NPROC=2 STAGE=demo_workdir/runs/policylong/stage_0 TO=/tmp/ckpt_1 bash examples/train_single_node.sh
 #   One 8-GPU node (the paper's setting):
 #     NPROC=8 CONFIG=examples/configs/qwen2.5-3b-128k.yaml FROM=/models/Qwen2.5-3B \
 #       STAGE=runs/policylong/stage_0 TO=runs/policylong/ckpt_1 bash examples/train_single_node.sh

@@ -12,7 +12,11 @@ torch 2.13.0+cpu, the gaps are:
 * the CUDA RNG tracker (``tensor_parallel.random``) -> forks the CPU generator instead;
 * ``torch.cuda.synchronize`` / ``empty_cache`` / streams -> no-ops;
 * gradient clipping asserts ``torch.cuda.FloatTensor`` grads -> a CPU version of
-  ``clip_grad_by_total_norm_fp32`` (same math: scale every grad by max_norm / (norm + 1e-6)).
+  ``clip_grad_by_total_norm_fp32`` (same math: scale every grad by max_norm / (norm + 1e-6));
+* the mixed-precision optimizer (``Float16OptimizerWithFloat16Params``, bf16 runs) sorts
+  parameters by ``param.type()`` and accepts only ``torch.cuda.*Tensor`` names -> while its
+  ``__init__`` runs, ``Tensor.type()`` names CPU tensors as their CUDA twins (so bf16 training
+  and its checkpoints run on CPU too, as they do on a GPU).
 
 Scope: apart from ``Tensor.cuda`` (which raises for every caller on a CPU-only build), torch
 itself is never patched. Every loaded ``megatron.core`` module gets a stand-in for
@@ -70,6 +74,33 @@ class _NullStream:
 
     def record_event(self, event=None):
         return event
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """``tensor.type()`` -> ``"torch.cuda.BFloat16Tensor"`` for a CPU bf16 tensor, etc., for the
+    duration of the block only."""
+    orig = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return orig(self).replace("torch.", "torch.cuda.", 1)
+        return orig(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = orig
+
+
+def _with_cuda_type_names(init):
+    @functools.wraps(init)
+    def wrapped(*args, **kwargs):
+        with _cuda_type_names():
+            return init(*args, **kwargs)
+
+    return wrapped
 
 
 def _clip_grad_by_total_norm_fp32_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
@@ -201,5 +232,7 @@ def apply() -> bool:
 
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
     mc_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
+    f16 = mc_optimizer.Float16OptimizerWithFloat16Params
+    f16.__init__ = _with_cuda_type_names(f16.__init__)
     _APPLIED = True
     return True

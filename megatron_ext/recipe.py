@@ -58,7 +58,9 @@ class StageHook:
         self.index = index or PassageIndex.load(
             cfg.path(cfg.retrieval.index_dir), cfg.retrieval.use_gpu, nprobe=cfg.retrieval.nprobe
         )
-        self.embedder = embedder or Embedder(cfg.retrieval.embedder, batch_size=cfg.retrieval.batch_size)
+        self.embedder = embedder or Embedder(
+            cfg.retrieval.embedder, batch_size=cfg.retrieval.batch_size
+        )
 
     def stage_dir(self, t: int) -> str:
         return os.path.join(self.root, f"stage_{t}")

@@ -57,7 +57,12 @@ def _config(args):
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML preset (default: the built-in demo defaults)")
+    p.add_argument(
+        "--config",
+        action="append",
+        help="YAML preset (default: the built-in demo defaults); repeat to merge several in "
+        "order, e.g. a size preset then a method preset",
+    )
     p.add_argument(
         "--set",
         action="append",

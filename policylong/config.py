@@ -578,21 +578,33 @@ def apply_overrides(d: dict, overrides: list[str] | None) -> dict:
     return d
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML preset (or the defaults when ``path`` is None) and apply dotted overrides."""
+def _merge(base: dict, top: dict) -> dict:
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def load_config(
+    path: str | list[str] | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Load a YAML preset, or several merged in order (later files win field by field; e.g. a
+    size preset then a method preset), or the defaults when ``path`` is None; then apply the
+    dotted overrides."""
     d: dict = {}
-    source = "<defaults>"
-    if path is not None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
+    paths = [path] if isinstance(path, str) else list(path or [])
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"config file not found: {p}")
+        with open(p, encoding="utf-8") as f:
             try:
-                d = yaml.safe_load(f) or {}
+                _merge(d, yaml.safe_load(f) or {})
             except yaml.YAMLError as e:
-                raise ValueError(f"{path}: not valid YAML: {e}") from e
-        source = path
+                raise ValueError(f"{p}: not valid YAML: {e}") from e
     apply_overrides(d, overrides)
-    return config_from_dict(d, source)
+    return config_from_dict(d, " + ".join(paths) if paths else "<defaults>")
 
 
 def dump_config(cfg: Config, path: str) -> None:

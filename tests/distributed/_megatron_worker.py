@@ -142,6 +142,7 @@ def case_train(a) -> None:
         f"train.min_lr={a.lr / 10}",
         "train.lr_warmup_steps=2",
         f"train.save_interval={a.save_interval}",
+        f"train.params_dtype={a.dtype}",
         "seed=11",
     ]
     cfg = load_config(None, sets)
@@ -171,6 +172,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--save-interval", type=int, default=0)
     ap.add_argument("--kill", type=int)
+    ap.add_argument("--dtype", default="float32")
     a = ap.parse_args()
     {"exact": case_exact, "train": case_train, "entropy": case_entropy}[a.case](a)
     from policylong.megatron_ext.parallel import destroy_distributed

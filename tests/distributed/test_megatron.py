@@ -241,6 +241,70 @@ def test_stage_trains_from_screened_data_and_resumes_after_kill(screened_stage, 
     assert np.allclose([r["loss"] for r in rows2], loss, rtol=0, atol=1e-6)
 
 
+def test_bf16_stage_saves_and_resumes(screened_stage, tmp_path):
+    """bf16 (Float16Module + megatron's mixed-precision optimizer, fp32 main weights): the
+    checkpoint saves (the H200 run without Float16Module failed at its first save: "Optimizer
+    shape ((896,) does not match model shape ((1152,))"; without the wrap this CPU test fails
+    the same way), a run killed after step 5 resumes from step 4 to the same losses, and the
+    first loss is the float32 one up to bf16 rounding."""
+    from policylong.basemodel import resolve_model_path
+
+    common = [
+        "--init",
+        resolve_model_path("embedded"),
+        "--stage",
+        screened_stage,
+        "--steps",
+        6,
+        "--gbs",
+        4,
+        "--mb",
+        2,
+        "--seq",
+        320,
+        "--lr",
+        1e-4,
+        "--save-interval",
+        2,
+    ]
+    runs = {}
+    for name, extra in (("fp32", []), ("bf16", ["--dtype", "bfloat16"])):
+        torchrun(
+            1,
+            "train",
+            "--json",
+            tmp_path / f"{name}.json",
+            "--ckpt",
+            tmp_path / name,
+            *common,
+            *extra,
+        )
+        runs[name] = [r["loss"] for r in _read(tmp_path / f"{name}.json")["metrics"]]
+    assert abs(runs["bf16"][0] - runs["fp32"][0]) < 0.02, runs
+    assert (tmp_path / "bf16" / "iter_0000006" / "metadata.json").is_file()
+    part = tmp_path / "part"
+    rc, _ = torchrun(
+        1,
+        "train",
+        "--json",
+        tmp_path / "x.json",
+        "--ckpt",
+        part,
+        *common,
+        "--dtype",
+        "bfloat16",
+        "--kill",
+        5,
+        expect_ok=False,
+    )
+    assert rc != 0 and (part / "latest_checkpointed_iteration.txt").read_text() == "4"
+    torchrun(
+        1, "train", "--json", tmp_path / "p.json", "--ckpt", part, *common, "--dtype", "bfloat16"
+    )
+    got = [r["loss"] for r in _read(tmp_path / "p.json")["metrics"]]
+    assert np.allclose(got, runs["bf16"], rtol=0, atol=1e-6), (got, runs["bf16"])
+
+
 def test_mismatched_hf_checkpoint_is_a_clear_error(tiny_models, tmp_path):
     """A config whose shapes do not match the weights fails naming the tensor and shapes."""
     import shutil

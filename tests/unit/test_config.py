@@ -78,3 +78,19 @@ def test_loop_presets_agree_with_their_yaml(name):
     b = load_config(None, preset_overrides(name))
     assert a.to_dict() == b.to_dict()
     assert a.loop.preset == name
+
+
+def test_several_presets_merge_in_order():
+    """A size preset then a method preset: the later file wins field by field."""
+    size = os.path.join(ROOT, "examples", "configs", "qwen2.5-3b-128k.yaml")
+    method = os.path.join(ROOT, "examples", "configs", "entropylong.yaml")
+    c = load_config([size, method], ["loop.stages=4"])
+    s = load_config(size)
+    assert c.data.seq_length == s.data.seq_length == 131072
+    assert c.parallel.context_parallel == s.parallel.context_parallel
+    assert (c.loop.preset, c.loop.on_policy, c.screening.position_mode) == (
+        "entropylong",
+        False,
+        "sigma",
+    )
+    assert c.loop.stages == 4

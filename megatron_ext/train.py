@@ -228,14 +228,24 @@ def build_model(hf_cfg: dict, opts: M.ModelOptions, seq_length: int):
     return M.build_gpt_model(hf_cfg, opts, max_seq_length=seq_length)
 
 
-def load_start_weights(model, src: str, hf_cfg: dict) -> None:
+def split_source(src: str) -> tuple[str, int | None]:
+    """``CKPT@N`` -> (CKPT, N): iteration N of a Megatron checkpoint instead of its latest."""
+    path, sep, it = src.rpartition("@")
+    if sep and it.isdigit() and is_megatron_checkpoint(path):
+        return path, int(it)
+    return src, None
+
+
+def load_start_weights(model, src: str, hf_cfg: dict, iteration: int | None = None) -> None:
     """Weights of the stage's start: HF safetensors, or the model part of a Megatron checkpoint
-    (any TP/PP layout: dist_checkpointing reshards)."""
+    (any TP/PP layout: dist_checkpointing reshards; ``iteration``: that save, not the latest)."""
     from policylong.basemodel import resolve_model_path
 
     if is_megatron_checkpoint(src):
         check_compatible(src, hf_cfg)
-        load_checkpoint(src, model)
+        if iteration is not None and not os.path.isdir(iter_dir(src, iteration)):
+            raise TrainError(f"{src}: no saved iteration {iteration}")
+        load_checkpoint(src, model, it=iteration)
     else:
         M.load_hf_weights(model, hf_cfg, resolve_model_path(src))
 

@@ -131,7 +131,15 @@ def run_screen(cfg, out_dir: str, overwrite: bool = False) -> dict:
     from policylong.retrieval import Embedder, PassageIndex
     from policylong.screening.pipeline import screen_stage
 
-    lm = load_language_model(cfg.model.path, cfg.model.device, cfg.model.dtype)
+    ckpt = cfg.model.path.rpartition("@")[0] or cfg.model.path
+    if os.path.isfile(os.path.join(ckpt, "policylong.json")):
+        # a PolicyLong Megatron checkpoint (``CKPT@N``: its iteration N), built in this process
+        from policylong.stages import _screening_model
+
+        lm = _screening_model(cfg, cfg.model.path)
+        lm.describe = lambda: cfg.model.path
+    else:
+        lm = load_language_model(cfg.model.path, cfg.model.device, cfg.model.dtype)
     index = PassageIndex.load(
         cfg.path(cfg.retrieval.index_dir), cfg.retrieval.use_gpu, nprobe=cfg.retrieval.nprobe
     )

@@ -425,6 +425,17 @@ class LoopConfig:
     """Screen stage t with M_t (PolicyLong). False screens every stage with M_0 (the
     "no iteration" ablation)."""
 
+    overlap: bool = False
+    """Paper App. E: screen stage t+1 in a second process while stage t trains, with the
+    checkpoint stage t saved at ``overlap_after`` of its steps instead of its end; the manifest
+    records which iteration screened it (``staleness``). Needs ``train.save_interval``; one
+    process (the screener is a second one)."""
+
+    overlap_after: float = 0.5
+    """Fraction of stage t's steps after which stage t+1's screening starts: the screener
+    uses the first save at or after it (a fixed iteration, so the result does not depend on
+    timing)."""
+
     def __post_init__(self) -> None:
         if not self.preset or "/" in self.preset:
             _fail("loop.preset", self.preset, "must be a plain folder name")
@@ -434,6 +445,8 @@ class LoopConfig:
             _fail("loop.roots_per_stage", self.roots_per_stage, "must be >= 0")
         if self.tokens_per_stage < 0:
             _fail("loop.tokens_per_stage", self.tokens_per_stage, "must be >= 0")
+        if not 0.0 < self.overlap_after < 1.0:
+            _fail("loop.overlap_after", self.overlap_after, "must be in (0, 1)")
 
 
 @dataclass
@@ -587,9 +600,7 @@ def _merge(base: dict, top: dict) -> dict:
     return base
 
 
-def load_config(
-    path: str | list[str] | None = None, overrides: list[str] | None = None
-) -> Config:
+def load_config(path: str | list[str] | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML preset, or several merged in order (later files win field by field; e.g. a
     size preset then a method preset), or the defaults when ``path`` is None; then apply the
     dotted overrides."""

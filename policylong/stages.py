@@ -23,9 +23,11 @@ model then expects sequences split over the CP ranks; screen with the HF backend
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -120,16 +122,18 @@ def checkpoint_done(ckpt: str) -> bool:
 
 
 def _screening_model(cfg: Config, src: str):
-    """M_t as a LanguageModel: the Megatron model built from ``src`` in this process."""
+    """M_t as a LanguageModel: the Megatron model built from ``src`` (a HF folder, a Megatron
+    checkpoint, or ``CKPT@N`` for its iteration N) in this process."""
     from policylong.megatron_ext import model as M
     from policylong.megatron_ext import train as T
     from policylong.megatron_ext.lm import MegatronLanguageModel
     from policylong.megatron_ext.parallel import init_distributed
 
     init_distributed(cfg.parallel, seed=cfg.seed)
-    hf_cfg, meta_dir = T.resolve_start(src)
+    path, iteration = T.split_source(src)
+    hf_cfg, meta_dir = T.resolve_start(path)
     model = M.build_gpt_model(hf_cfg, T.model_options(cfg), max_seq_length=cfg.data.seq_length)
-    T.load_start_weights(model, src, hf_cfg)
+    T.load_start_weights(model, path, hf_cfg, iteration)
     return MegatronLanguageModel(model, hf_cfg, meta_dir)
 
 
@@ -212,13 +216,148 @@ def check_loop(cfg: Config, world: int = 1) -> int:
     return R
 
 
-def run_stages(cfg: Config) -> list[dict]:
-    """Run (or resume) the loop; returns one summary per stage."""
-    from policylong.megatron_ext.train import train_stage
-    from policylong.retrieval import Embedder, PassageIndex
+def overlap_iteration(steps: int, save_interval: int, frac: float) -> int | None:
+    """The save of stage t that screens stage t+1 under ``loop.overlap``: the first multiple of
+    ``save_interval`` at or after ``frac`` of the stage's steps, if it comes before the end."""
+    if save_interval <= 0:
+        return None
+    k = math.ceil(frac * steps / save_interval) * save_interval
+    return k if 0 < k < steps else None
+
+
+@contextlib.contextmanager
+def _stage_lock(stage_dir: str):
+    """One screener per stage folder at a time (a screener orphaned by a killed loop may still
+    be finishing when the rerun starts another)."""
+    import fcntl
+
+    with open(stage_dir.rstrip("/") + ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+def _start_overlap(cfg: Config, t: int, src: str, staleness: dict | None):
+    """Screen stage t in a second process (App. E) while this one trains stage t-1."""
+    import subprocess
+    import sys
+
+    from policylong.config import dump_config
+
+    root = run_dir(cfg)
+    cfg_path = os.path.join(root, f"stage_{t}.screener.yaml")
+    dump_config(cfg, cfg_path)
+    env = {
+        **os.environ,
+        "MASTER_PORT": str(_free_port()),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+    }
+    log_path = os.path.join(root, f"stage_{t}.screener.log")
+    cmd = [
+        sys.executable,
+        "-m",
+        "policylong.stages",
+        cfg_path,
+        str(t),
+        src,
+        json.dumps(staleness or {}),
+    ]
+    log.info("stage %d: screening in a second process with %s (log: %s)", t, src, log_path)
+    with open(log_path, "ab") as lf:
+        return subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env), log_path
+
+
+def _screen_one(cfg: Config, t: int, R: int, src: str, index, emb, staleness=None) -> None:
     from policylong.screening.pipeline import screen_stage
 
-    R = check_loop(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    scfg = stage_config(cfg, t, R)
+    stage_dir = os.path.join(run_dir(cfg), f"stage_{t}")
+    with _stage_lock(stage_dir):
+        if os.path.isfile(os.path.join(stage_dir, "manifest.json")):
+            return  # another screener finished it while we waited
+        log.info(
+            "stage %d: screening roots [%d, %d) with %s",
+            t,
+            scfg.data.root_offset,
+            scfg.data.root_offset + R,
+            src,
+        )
+        lm = _screening_model(scfg, src)
+        screen_stage(
+            scfg,
+            lm,
+            index,
+            emb,
+            stage_dir,
+            model_desc=os.path.abspath(src) if os.path.exists(src) else src,
+            shard=_shard(),
+            on_batch=lambda b: _die_if(f"screen:{t}:{b}"),
+            extra={"staleness": staleness} if staleness else None,
+        )
+
+
+def _overlap_main(argv: list[str]) -> int:
+    """The second process of ``loop.overlap``: wait for the checkpoint, screen one stage."""
+    from policylong.cli import _setup_logging
+    from policylong.config import load_config
+    from policylong.megatron_ext.parallel import destroy_distributed
+    from policylong.megatron_ext.train import iter_dir
+    from policylong.retrieval import Embedder, PassageIndex
+
+    _setup_logging(False)
+    cfg_path, t, src, staleness = argv[0], int(argv[1]), argv[2], json.loads(argv[3])
+    cfg = load_config(cfg_path)
+    R = check_loop(cfg, 1)
+    path, it = src, None
+    if "@" in src:
+        path, _, n = src.rpartition("@")
+        it = int(n)
+    parent = os.getppid()
+    while it is not None and not os.path.isdir(iter_dir(path, it)):
+        if os.getppid() != parent:
+            log.error("the loop process is gone before %s reached iteration %d", path, it)
+            return 1
+        time.sleep(1.0)
+    index = PassageIndex.load(
+        cfg.path(cfg.retrieval.index_dir), cfg.retrieval.use_gpu, nprobe=cfg.retrieval.nprobe
+    )
+    emb = Embedder(cfg.retrieval.embedder, batch_size=cfg.retrieval.batch_size)
+    try:
+        _screen_one(cfg, t, R, src, index, emb, staleness)
+    finally:
+        destroy_distributed()
+    return 0
+
+
+def run_stages(cfg: Config) -> list[dict]:
+    """Run (or resume) the loop; returns one summary per stage."""
+    from policylong.megatron_ext.train import plan_stage, train_stage
+    from policylong.retrieval import Embedder, PassageIndex
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    R = check_loop(cfg, world)
+    if cfg.loop.overlap and world > 1:
+        raise ValueError(
+            f"loop.overlap = true with WORLD_SIZE = {world}: overlapped screening runs as one "
+            "extra process beside a one-process loop; turn it off for torchrun runs"
+        )
+    if cfg.loop.overlap and cfg.train.save_interval <= 0:
+        raise ValueError(
+            "loop.overlap = true needs train.save_interval > 0 (stage t+1 is screened with a "
+            "checkpoint that stage t saves before its end)"
+        )
     rank0 = int(os.environ.get("RANK", "0")) == 0
     T = cfg.loop.stages
     root = run_dir(cfg)
@@ -234,6 +373,8 @@ def run_stages(cfg: Config) -> list[dict]:
             history = json.load(f)
     done_stages = {h["stage"] for h in history}
     out = []
+    pending = None  # (stage, Popen, log path) of an overlapped screener
+    complete = lambda d: os.path.isfile(os.path.join(d, "manifest.json"))  # noqa: E731
     for t in range(T):
         scfg = stage_config(cfg, t, R)
         stage_dir = os.path.join(root, f"stage_{t}")
@@ -241,44 +382,52 @@ def run_stages(cfg: Config) -> list[dict]:
         prev = cfg.loop.start if t == 0 else os.path.join(root, f"ckpt_{t}")
         screener_src = prev if cfg.loop.on_policy else cfg.loop.start
         t0 = time.time()
-        if not os.path.isfile(os.path.join(stage_dir, "manifest.json")):
-            log.info(
-                "stage %d: screening roots [%d, %d) with %s",
-                t,
-                scfg.data.root_offset,
-                scfg.data.root_offset + R,
-                screener_src,
-            )
-            lm = _screening_model(scfg, screener_src)
-            screen_stage(
-                scfg,
-                lm,
-                index,
-                emb,
-                stage_dir,
-                model_desc=os.path.abspath(screener_src)
-                if os.path.exists(screener_src)
-                else screener_src,
-                shard=_shard(),
-                on_batch=lambda b, _t=t: _die_if(f"screen:{_t}:{b}"),
-            )
-            del lm
+        if pending is not None and pending[0] == t:
+            rc = pending[1].wait()
+            if rc != 0:
+                raise RuntimeError(
+                    f"overlapped screening of stage {t} failed (exit {rc}); see {pending[2]}"
+                )
+            pending = None
+        if not complete(stage_dir):
+            _screen_one(cfg, t, R, screener_src, index, emb)
         screen_s = time.time() - t0
         t1 = time.time()
+        nxt = os.path.join(root, f"stage_{t + 1}")
+        if cfg.loop.overlap and t + 1 < T and not complete(nxt):
+            src, stale = cfg.loop.start, None
+            if cfg.loop.on_policy:
+                steps = plan_stage(scfg, [stage_dir], prev, ckpt)["train_steps"]
+                k = overlap_iteration(steps, cfg.train.save_interval, cfg.loop.overlap_after)
+                if k is not None:
+                    src = f"{ckpt}@{k}"
+                    stale = {
+                        "checkpoint": ckpt,
+                        "iteration": k,
+                        "stage_steps": steps,
+                        "steps_behind": steps - k,
+                    }
+                else:
+                    src = None  # no save before the end: screen after training instead
+            if src is not None:
+                pending = (t + 1, *_start_overlap(cfg, t + 1, src, stale))
         if not checkpoint_done(ckpt):
             log.info("stage %d: training %s -> %s", t, prev, ckpt)
             train_stage(scfg, [stage_dir], prev, ckpt, kill_at_step=_kill_step(t))
             _die_if(f"stage:{t}")
+        with open(os.path.join(stage_dir, "manifest.json")) as f:
+            man = json.load(f)
         summary = {
             "stage": t,
             "stage_dir": stage_dir,
             "checkpoint": ckpt,
-            "screened_with": screener_src,
+            "screened_with": man.get("model", screener_src),
             "screen_seconds": round(screen_s, 1),
             "train_seconds": round(time.time() - t1, 1),
+            "stats": man.get("stats", {}),
         }
-        with open(os.path.join(stage_dir, "manifest.json")) as f:
-            summary["stats"] = json.load(f).get("stats", {})
+        if man.get("staleness"):
+            summary["staleness"] = man["staleness"]
         with open(os.path.join(ckpt, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f if line.strip()]
         summary["final_loss"] = rows[-1]["loss"] if rows else None
@@ -292,3 +441,9 @@ def run_stages(cfg: Config) -> list[dict]:
         )
         out.append(summary)
     return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_overlap_main(sys.argv[1:]))

@@ -431,12 +431,14 @@ def screen_stage(
     progress: bool = True,
     shard: Shard | None = None,
     on_batch: Callable[[int], None] | None = None,
+    extra: dict | None = None,
 ) -> dict:
     """Screen the configured roots and write the stage dataset to ``out_dir``.
 
     With ``shard`` (several processes), every process calls this with the same arguments; each
     screens its share of the batches and the leader writes the dataset. Every process returns
-    the manifest."""
+    the manifest. ``on_batch(b)`` is called once batch ``b`` is on disk; ``extra`` fields go
+    into the manifest."""
     from tqdm import tqdm
 
     from policylong.datasets import commit, load_manifest, write_stage_dataset
@@ -569,6 +571,7 @@ def screen_stage(
         "index": os.path.abspath(cfg.path(cfg.retrieval.index_dir)),
         "stats": stats,
         "config": cfg.to_dict(),
+        **(extra or {}),
     }
     manifest = write_stage_dataset(
         partial, seqs, provenance, manifest, lm.vocab_size, cfg.data.seq_length

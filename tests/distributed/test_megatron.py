@@ -737,3 +737,42 @@ def torch_cat(xs):
     import torch
 
     return torch.cat(xs)
+
+
+def test_overlapped_screening_uses_the_mid_stage_checkpoint(loop_run, tmp_path):
+    """loop.overlap (paper App. E): stage 1 is screened by a second process while stage 0
+    trains, with stage 0's save at half its steps (iteration 2 of 4); the manifest records the
+    staleness, and the data equals what `policylong screen` writes with that checkpoint
+    (`CKPT@2`) afterwards."""
+    w, sets = loop_run
+    rc, log = _cli("run", *sets, *_sets(*LOOP_SETS, "loop.preset=overlap", "loop.overlap=true"))
+    assert rc == 0, log[-4000:]
+    runs = w / "runs" / "overlap"
+    m1 = json.loads((runs / "stage_1" / "manifest.json").read_text())
+    assert m1["staleness"] == {
+        "checkpoint": str(runs / "ckpt_1"),
+        "iteration": 2,
+        "stage_steps": 4,
+        "steps_behind": 2,
+    }
+    assert m1["model"] == f"{runs / 'ckpt_1'}@2"
+    assert (runs / "ckpt_2" / "latest_checkpointed_iteration.txt").read_text() == "4"
+    assert "screening in a second process" in log
+    rc, log = _cli(
+        "screen",
+        *sets,
+        *_sets("data.root_offset=10", "data.num_roots=10"),
+        "--model",
+        f"{runs / 'ckpt_1'}@2",
+        "--stage",
+        1,
+        "--out",
+        tmp_path / "s1",
+    )
+    assert rc == 0, log[-3000:]
+    ref = json.loads((tmp_path / "s1" / "manifest.json").read_text())
+    assert ref["sha256"] == m1["sha256"]
+    # stage 0 is not affected by the overlap
+    m0 = json.loads((runs / "stage_0" / "manifest.json").read_text())
+    p0 = json.loads((w / "runs" / "policylong" / "stage_0" / "manifest.json").read_text())
+    assert m0["sha256"] == p0["sha256"]

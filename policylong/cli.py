@@ -225,6 +225,14 @@ def cmd_export(args) -> int:
 def cmd_run(args) -> int:
     from policylong.stages import run_stages
 
+    shortcuts = {
+        "loop.stages": args.stages,
+        "loop.tokens_per_stage": args.tokens_per_stage,
+        "loop.roots_per_stage": args.roots_per_stage,
+        "data.seq_length": args.seq_length,
+        "screening.screen_length": args.screen_length,
+    }
+    args.set = list(args.set or []) + [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
     cfg = _config(args)
     res = run_stages(cfg)
     print(json.dumps([{k: v for k, v in r.items() if k != "stats"} for r in res], indent=2))
@@ -386,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the on-policy stage loop: T × (screen with M_t, train)")
     _add_config_args(p)
+    p.add_argument("--stages", type=int, help="T (= --set loop.stages=T)")
+    p.add_argument("--tokens-per-stage", type=int, help="training tokens per stage")
+    p.add_argument("--roots-per-stage", type=int, help="root documents screened per stage")
+    p.add_argument("--seq-length", type=int, help="target length L (= data.seq_length)")
+    p.add_argument("--screen-length", type=int, help="tokens of each root screened")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("eval", help="synthetic long-context probes (NIAH) at several lengths")

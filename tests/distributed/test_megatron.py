@@ -745,7 +745,15 @@ def test_overlapped_screening_uses_the_mid_stage_checkpoint(loop_run, tmp_path):
     staleness, and the data equals what `policylong screen` writes with that checkpoint
     (`CKPT@2`) afterwards."""
     w, sets = loop_run
-    rc, log = _cli("run", *sets, *_sets(*LOOP_SETS, "loop.preset=overlap", "loop.overlap=true"))
+    rc, log = _cli(
+        "run",
+        *sets,
+        *_sets(*LOOP_SETS, "loop.preset=overlap", "loop.overlap=true"),
+        "--stages",
+        2,
+        "--roots-per-stage",
+        10,
+    )
     assert rc == 0, log[-4000:]
     runs = w / "runs" / "overlap"
     m1 = json.loads((runs / "stage_1" / "manifest.json").read_text())

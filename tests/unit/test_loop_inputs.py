@@ -54,3 +54,25 @@ def test_unknown_preset(tmp_path):
     with pytest.raises(ValueError, match="loop.preset 'entropy': one of policylong"):
         preset_overrides("entropy")
     assert "entropylong" in PRESETS and "ablation_static_hn_curriculum" in PRESETS
+
+
+def test_stage_config_takes_disjoint_roots_and_the_token_budget(tmp_path):
+    from policylong.stages import stage_config
+
+    cfg = _cfg(
+        tmp_path,
+        **{
+            "loop.stages": 3,
+            "data.root_offset": 1,
+            "loop.tokens_per_stage": 5 * 8 * 1024 + 100,
+            "data.seq_length": 1024,
+            "train.global_batch_size": 8,
+        },
+    )
+    R = check_loop(cfg)
+    assert R == 3  # (10 - 1) // 3
+    ranges = [
+        (c.data.root_offset, c.data.root_offset + c.data.num_roots, c.stage, c.train.train_steps)
+        for c in (stage_config(cfg, t, R) for t in range(3))
+    ]
+    assert ranges == [(1, 4, 0, 5), (4, 7, 1, 5), (7, 10, 2, 5)]

@@ -18,8 +18,10 @@ Tasks:
                    passages that fill the probe to its length; each use of a fact in the root
                    (``... the access code of E is V``) is scored at V. This is the dependency
                    the training data teaches, at a distance set by the length.
-Variable tracking (RULER's VT) needs assignment chains the synthetic language cannot express;
-it is not implemented.
+  variable_tracking  RULER's VT in the synthetic language: ``the access code of E1 is V``, then
+                   ``the access code of E2 is the access code of E1`` (VT_HOPS assignments, in
+                   order, at random depths); query E3's code. Scored at the one value token
+                   (RULER asks for every variable holding V; here the last one is queried).
 
 Scores come from the ``LanguageModel`` protocol only (``final_hidden`` + ``head_weight``), via
 the vocab-parallel partials of ``kernels.entropy``: top-1 means the target's logit equals the
@@ -43,7 +45,15 @@ from policylong.kernels.entropy import (
     vocab_shard_offset,
 )
 
-TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery")
+TASKS = (
+    "niah_single",
+    "niah_multikey",
+    "niah_multivalue",
+    "niah_multiquery",
+    "variable_tracking",
+)
+VT_HOPS = 2
+"""Assignments after the value in a variable-tracking chain (E1 = V, E2 = E1, E3 = E2)."""
 NEEDLES = 4
 """Facts per multi-needle probe (RULER uses 4 keys / values / queries by default)."""
 
@@ -80,6 +90,21 @@ def build_probe(
     if task not in TASKS:
         raise ValueError(f"evaluation task {task!r}: one of {TASKS}")
     attrs = list(syn.ATTRIBUTES)
+    if task == "variable_tracking":
+        idx = rng.choice(len(lang.entities), size=VT_HOPS + 1, replace=False)
+        ents = [lang.entities[int(i)] for i in idx]
+        v = lang.values[attrs[0]][int(rng.integers(len(lang.values[attrs[0]])))]
+        ref = syn.fact_sentence(attrs[0], "{E}", "@@").split("@@")[0].strip()  # "... of {E} is"
+        chain = [syn.fact_sentence(attrs[0], ents[0], v)] + [
+            ref.replace("{E}", ents[k + 1])
+            + " "
+            + ref[: ref.rindex(" is")].replace("{E}", ents[k])
+            + " ."
+            for k in range(VT_HOPS)
+        ]
+        needles = [encode(tok, c) for c in chain]
+        qtoks = [(_query(tok, attrs[0], ents[-1]), encode(tok, v))]
+        return _assemble(tok, needles, qtoks, length, rng, ctx_id, control)
     if task == "niah_single":
         ents = [lang.entities[int(rng.integers(len(lang.entities)))]]
         facts = [(attrs[0], ents[0])]
@@ -95,6 +120,12 @@ def build_probe(
     values = [lang.values[a][int(rng.integers(len(lang.values[a])))] for a, _ in facts]
     needles = [encode(tok, syn.fact_sentence(a, e, v)) for (a, e), v in zip(facts, values)]
     qtoks = [(_query(tok, facts[q][0], facts[q][1]), encode(tok, values[q])) for q in queries]
+    return _assemble(tok, needles, qtoks, length, rng, ctx_id, control)
+
+
+def _assemble(tok, needles, qtoks, length, rng, ctx_id, control) -> Probe:
+    """Haystack of about ``length`` tokens with ``needles`` at random depths (in order), then
+    the queries; ``control`` replaces each needle by filler of its length."""
     q_len = sum(len(q) + len(v) + 1 for q, v in qtoks)
     budget = max(length - 1 - q_len - sum(map(len, needles)), 8)
     hay = _haystack(rng, tok, budget)

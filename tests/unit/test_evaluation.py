@@ -28,8 +28,33 @@ def test_probe_holds_its_needles_and_the_control_does_not(task, lm):
         assert p.tokens[row + 1] == value  # the answer follows the query in the sequence
         # the value occurs earlier in the probe (the needle) but not in the control
         assert value in p.tokens[: row - 8] and value not in c.tokens[: row - 8]
-    want = {"niah_single": 1, "niah_multikey": 1}.get(task, ev.NEEDLES)
+    want = {"niah_single": 1, "niah_multikey": 1, "variable_tracking": 1}.get(task, ev.NEEDLES)
     assert len(p.targets) == want
+
+
+def test_variable_tracking_is_a_chain_in_order(lm):
+    """VT: the value is stated for the first variable only; each later one is assigned from the
+    previous one, in order; the query asks for the last one."""
+    tok, lang = lm.tokenizer, syn.build_language()
+    p = ev.build_probe("variable_tracking", tok, lang, 400, np.random.default_rng(5), lm.ctx_id)
+    words = tok.decode(p.tokens[1:]).split()
+    text = " ".join(words)
+    row, value = p.targets[0]
+    v = tok.decode([value]).strip()
+    assert text.count(f" is {v} .") == 2  # the first assignment and the answer after the query
+    first = text.index(f" is {v} .")
+    e1 = words[len(text[:first].split()) - 1]
+    chain, e = [], e1
+    for _ in range(ev.VT_HOPS):
+        hop = f"is the access code of {e} ."
+        i = text.index(hop)
+        nxt = text[:i].split()[-1]
+        assert i > first
+        chain.append(nxt)
+        first, e = i, nxt
+    q = " ".join(tok.decode(p.tokens[: row + 1]).split()[-11:])
+    assert q == f"later {e} told us that the access code of {e} is", q
+    assert len(set([e1, *chain])) == ev.VT_HOPS + 1
 
 
 def test_embedded_model_finds_short_needles_and_not_missing_ones(lm):

@@ -228,9 +228,14 @@ def overlap_iteration(steps: int, save_interval: int, frac: float) -> int | None
 @contextlib.contextmanager
 def _stage_lock(stage_dir: str):
     """One screener per stage folder at a time (a screener orphaned by a killed loop may still
-    be finishing when the rerun starts another)."""
+    be finishing when the rerun starts another). Only for one-process loops, the only ones that
+    overlap: under torchrun every rank screens the same stage together (an exclusive lock
+    there would hold every rank but one outside the collectives: a deadlock)."""
     import fcntl
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
     with open(stage_dir.rstrip("/") + ".lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

@@ -79,14 +79,25 @@ def read_meta(ckpt: str) -> dict:
         return json.load(fh)
 
 
-def model_options(cfg: Config) -> M.ModelOptions:
+def model_options(cfg: Config, src: str | None = None) -> M.ModelOptions:
+    """Model options of a run. With ``src`` a PolicyLong Megatron checkpoint, the RoPE base and
+    scaling it was trained with are kept unless the config sets them (a model trained at
+    θ = 5e4 must not be rebuilt at its HF config's 1e4 by a command that does not repeat the
+    setting, e.g. ``policylong report`` or the next ``policylong train --from``)."""
     t = cfg.train
     dtype = t.params_dtype
     if dtype == "auto":
         dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    rotary, scale = t.rotary_base or None, t.rope_scaling_factor or None
+    if src is not None:
+        path = src.rpartition("@")[0] if "@" in src else src
+        if is_megatron_checkpoint(path):
+            saved = read_meta(path).get("model_options", {})
+            rotary = rotary or saved.get("rotary_base")
+            scale = scale or saved.get("rope_scaling_factor")
     return M.ModelOptions(
-        rotary_base=t.rotary_base or None,
-        rope_scaling_factor=t.rope_scaling_factor or None,
+        rotary_base=rotary,
+        rope_scaling_factor=scale,
         params_dtype=dtype,
         recompute=t.recompute,
         spec=t.layer_spec,
@@ -447,7 +458,7 @@ def plan_stage(
     if is_megatron_checkpoint(out):
         check_compatible(out, hf_cfg)
     resume = latest_iteration(out) if is_megatron_checkpoint(out) else None
-    opts = model_options(cfg)
+    opts = model_options(cfg, out if resume is not None else start)
     return {
         "world_size": world_size,
         "tensor_parallel": par.tensor_parallel,
@@ -509,9 +520,9 @@ def train_stage(
     init_distributed(cfg.parallel, seed=cfg.seed)
     dp = ps.get_data_parallel_world_size()
     dp_rank = ps.get_data_parallel_rank()
-    opts = model_options(cfg)
-    model = build_model(hf_cfg, opts, seq)
     resume = latest_iteration(out) if is_megatron_checkpoint(out) else None
+    opts = model_options(cfg, out if resume is not None else start)
+    model = build_model(hf_cfg, opts, seq)
     if resume is None:
         load_start_weights(model, start, hf_cfg)
     ddp = wrap_ddp(wrap_float16(model))

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -229,6 +230,16 @@ def loop_report(
         return seqs_cache[stage_dir]
 
     # every (model, run) pair to evaluate; M_0 once for all runs
+    # M_0 as the runs used it: the RoPE settings their checkpoints were trained with (the loop
+    # screens stage 0 with them), unless this config sets its own
+    first = next((r["stages"][0]["checkpoint"] for r in runs.values() if r["stages"]), None)
+    if first and not (cfg.train.rotary_base or cfg.train.rope_scaling_factor):
+        from policylong.megatron_ext.train import read_meta
+
+        saved = read_meta(first).get("model_options", {})
+        cfg = copy.deepcopy(cfg)
+        cfg.train.rotary_base = saved.get("rotary_base") or 0.0
+        cfg.train.rope_scaling_factor = saved.get("rope_scaling_factor") or 0.0
     models = [("M_0", cfg.loop.start, None, 0)]
     for p, r in runs.items():
         for s in r["stages"]:

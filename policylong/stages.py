@@ -132,7 +132,8 @@ def _screening_model(cfg: Config, src: str):
     init_distributed(cfg.parallel, seed=cfg.seed)
     path, iteration = T.split_source(src)
     hf_cfg, meta_dir = T.resolve_start(path)
-    model = M.build_gpt_model(hf_cfg, T.model_options(cfg), max_seq_length=cfg.data.seq_length)
+    opts = T.model_options(cfg, path)
+    model = M.build_gpt_model(hf_cfg, opts, max_seq_length=cfg.data.seq_length)
     T.load_start_weights(model, path, hf_cfg, iteration)
     return MegatronLanguageModel(model, hf_cfg, meta_dir)
 

@@ -146,3 +146,27 @@ def test_loop_config_validation_and_stage_ranges():
     assert (s1.stage, s1.data.root_offset, s1.data.num_roots) == (1, 15, 10)
     assert s1.train.train_steps == 3  # 576 tokens / (4 sequences × 48 tokens)
     assert c.hash() != s1.hash()  # each stage's dataset has its own config hash
+
+
+def test_a_checkpoint_keeps_the_rope_base_it_was_trained_with(tmp_path):
+    """Commands that rebuild a trained model without repeating train.rotary_base (report, the
+    next stage's train --from) get the checkpoint's RoPE settings, not its HF config's; an
+    explicit setting still wins."""
+    import json
+
+    from policylong.config import load_config
+    from policylong.megatron_ext.train import META, model_options
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / META).write_text(
+        json.dumps(
+            {"hf_config": {}, "model_options": {"rotary_base": 5e4, "rope_scaling_factor": 2.0}}
+        )
+    )
+    plain = load_config(None, [])
+    assert model_options(plain).rotary_base is None
+    o = model_options(plain, str(ck))
+    assert (o.rotary_base, o.rope_scaling_factor) == (5e4, 2.0)
+    assert model_options(plain, f"{ck}@4").rotary_base == 5e4
+    assert model_options(load_config(None, ["train.rotary_base=1e6"]), str(ck)).rotary_base == 1e6

@@ -418,6 +418,20 @@ def run_stages(cfg: Config) -> list[dict]:
             if src is not None:
                 pending = (t + 1, *_start_overlap(cfg, t + 1, src, stale))
         if not checkpoint_done(ckpt):
+            with open(os.path.join(stage_dir, "manifest.json")) as f:
+                nseq = json.load(f)["num_sequences"]
+            samples = plan_stage(scfg, [stage_dir], prev, ckpt)["train_steps"] * (
+                cfg.train.global_batch_size
+            )
+            if samples > nseq:
+                log.warning(
+                    "stage %d: %d training samples from %d sequences (%.1f passes); the paper "
+                    "trains on fresh data only: screen more roots (loop.roots_per_stage)",
+                    t,
+                    samples,
+                    nseq,
+                    samples / nseq,
+                )
             log.info("stage %d: training %s -> %s", t, prev, ckpt)
             train_stage(scfg, [stage_dir], prev, ckpt, kill_at_step=_kill_step(t))
             _die_if(f"stage:{t}")

@@ -1,23 +1,27 @@
 """``policylong`` command line.
 
-    policylong demo [--workdir DIR]                 synthetic corpus -> index -> screen (CPU)
+    policylong demo [--workdir DIR]                 corpus -> index -> PolicyLong vs EntropyLong
+                                                    (3 stages each) -> report, on CPU
     policylong synth --out DIR [--roots N]          synthetic corpus with planted dependencies
     policylong index --config C [--set k=v ...]     FAISS index over the retrieval corpus
     policylong screen --config C --model DIR --out DIR
                                                     one stage dataset screened with a model
+                                                    (HF folder, or Megatron checkpoint CKPT[@N])
     policylong pretrain-base --out DIR              rebuild the embedded tiny base model
     policylong train --config C --stage-dir DIR --from CKPT --to CKPT
                                                     one Megatron-Core training stage
     policylong convert --hf DIR --out CKPT          HF checkpoint -> Megatron checkpoint
     policylong export --ckpt CKPT --hf-out DIR      Megatron checkpoint -> HF checkpoint
     policylong eval --model DIR --out DIR           synthetic NIAH probes per length (JSON, PNG)
-    policylong run --config C [--set loop.stages=4]  the on-policy loop: screen with M_t, train
+    policylong run --config C [--stages 4]          the on-policy loop: screen with M_t, train
+    policylong report --workdir DIR [--presets ...] per-stage report of loop runs (JSON, PNG)
 
-``train``, ``convert`` and ``export`` run under ``torchrun`` with any TP×PP×CP×DP layout that
-the world size allows (``--set parallel.tensor_parallel=2``); alone they are a world of one.
+``train``, ``convert``, ``export`` and ``run`` run under ``torchrun`` with any TP×PP×CP×DP
+layout that the world size allows (``--set parallel.tensor_parallel=2``; ``run``: CP = 1);
+alone they are a world of one.
 
-Every command takes ``--config FILE.yaml`` plus dotted overrides ``--set screening.percentile=5``
-(repeatable) and ``--workdir DIR``.
+Every command takes ``--config FILE.yaml`` (repeatable, merged in order) plus dotted overrides
+``--set screening.percentile=5`` (repeatable) and ``--workdir DIR``.
 """
 
 from __future__ import annotations

@@ -313,6 +313,16 @@ def loop_report(
     return report
 
 
+def _save(fig, out_dir: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_report(report: dict, out_dir: str) -> list[str]:
     """landscape.png (Fig. 2a), difficulty.png (Fig. 3), probes.png, train_loss.png,
     screening.png."""
@@ -341,10 +351,7 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
         ax.set_xlabel("entropy (nats)")
         ax.set_ylabel("positions")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "landscape.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir, "landscape.png"))
 
     # Fig. 3: Loss(M_0) - Loss(M_t) on stage-t data
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -359,10 +366,7 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
     ax.set_ylabel("Loss(M_0) − Loss(M_t)")
     ax.set_title("data difficulty (paper Fig. 3)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "difficulty.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir, "difficulty.png"))
 
     # probes: accuracy per length, M_0 and each run's final model
     tasks = list(models["M_0"]["probes"])
@@ -383,10 +387,7 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
         ax.set_xlabel("length (tokens)")
         ax.set_ylabel("top-1 accuracy")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "probes.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir, "probes.png"))
 
     # training loss over the whole loop
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -396,10 +397,7 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
     ax.set_xlabel("training step (all stages)")
     ax.set_ylabel("loss")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "train_loss.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir, "train_loss.png"))
 
     # screening statistics per stage
     keys = ("mean_selected_entropy", "mean_positives_per_sequence", "mean_delta_h")
@@ -416,8 +414,5 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("stage")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "screening.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir, "screening.png"))
     return paths

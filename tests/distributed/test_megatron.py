@@ -221,6 +221,12 @@ def test_stage_trains_from_screened_data_and_resumes_after_kill(screened_stage, 
     assert (full / "latest_checkpointed_iteration.txt").read_text() == "20"
     assert (full / "iter_0000020" / "metadata.json").is_file()
 
+    _kill_and_resume(tmp_path, common, kill=12, last_save=10, ref_losses=loss)
+
+
+def _kill_and_resume(tmp_path, args, kill: int, last_save: int, ref_losses: list[float]):
+    """SIGKILL a training run after step ``kill``; its last complete save is ``last_save``;
+    the rerun resumes there and logs every step once, with the uninterrupted run's losses."""
     part = tmp_path / "part"
     rc, _ = torchrun(
         1,
@@ -229,16 +235,16 @@ def test_stage_trains_from_screened_data_and_resumes_after_kill(screened_stage, 
         tmp_path / "x.json",
         "--ckpt",
         part,
-        *common,
+        *args,
         "--kill",
-        12,
+        kill,
         expect_ok=False,
     )
-    assert rc != 0 and (part / "latest_checkpointed_iteration.txt").read_text() == "10"
-    torchrun(1, "train", "--json", tmp_path / "part.json", "--ckpt", part, *common)
-    rows2 = _read(tmp_path / "part.json")["metrics"]
-    assert [r["step"] for r in rows2] == list(range(1, 21))  # steps 11-12 logged once
-    assert np.allclose([r["loss"] for r in rows2], loss, rtol=0, atol=1e-6)
+    assert rc != 0 and (part / "latest_checkpointed_iteration.txt").read_text() == str(last_save)
+    torchrun(1, "train", "--json", tmp_path / "part.json", "--ckpt", part, *args)
+    rows = _read(tmp_path / "part.json")["metrics"]
+    assert [r["step"] for r in rows] == list(range(1, len(ref_losses) + 1))
+    assert np.allclose([r["loss"] for r in rows], ref_losses, rtol=0, atol=1e-6)
 
 
 def test_bf16_stage_saves_and_resumes(screened_stage, tmp_path):
@@ -282,27 +288,7 @@ def test_bf16_stage_saves_and_resumes(screened_stage, tmp_path):
         runs[name] = [r["loss"] for r in _read(tmp_path / f"{name}.json")["metrics"]]
     assert abs(runs["bf16"][0] - runs["fp32"][0]) < 0.02, runs
     assert (tmp_path / "bf16" / "iter_0000006" / "metadata.json").is_file()
-    part = tmp_path / "part"
-    rc, _ = torchrun(
-        1,
-        "train",
-        "--json",
-        tmp_path / "x.json",
-        "--ckpt",
-        part,
-        *common,
-        "--dtype",
-        "bfloat16",
-        "--kill",
-        5,
-        expect_ok=False,
-    )
-    assert rc != 0 and (part / "latest_checkpointed_iteration.txt").read_text() == "4"
-    torchrun(
-        1, "train", "--json", tmp_path / "p.json", "--ckpt", part, *common, "--dtype", "bfloat16"
-    )
-    got = [r["loss"] for r in _read(tmp_path / "p.json")["metrics"]]
-    assert np.allclose(got, runs["bf16"], rtol=0, atol=1e-6), (got, runs["bf16"])
+    _kill_and_resume(tmp_path, [*common, "--dtype", "bfloat16"], 5, 4, runs["bf16"])
 
 
 def test_mismatched_hf_checkpoint_is_a_clear_error(tiny_models, tmp_path):

@@ -310,6 +310,8 @@ def loop_report(
         json.dump(report, f, indent=2)
     os.replace(os.path.join(out_dir, "report.json.tmp"), os.path.join(out_dir, "report.json"))
     report["plots"] = plot_report(report, out_dir)
+    for p, r in report["runs"].items():  # each run's own folder: its numbers and plots
+        plot_report({**report, "runs": {p: r}}, os.path.join(r["dir"], "report"))
     return report
 
 

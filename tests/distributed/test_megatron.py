@@ -690,8 +690,11 @@ def test_report_matches_hugging_face_reference(loop_run, tmp_path):
     rc, log = _cli("report", *sets, "--presets", "policylong", "--lengths", 128, 256, "--n", 4)
     assert rc == 0, log[-4000:]
     rep = json.loads((w / "report" / "report.json").read_text())
+    own = w / "runs" / "policylong" / "report"
+    assert json.loads((own / "report.json").read_text())["stages"][1]["difficulty"]
     for name in ("landscape", "difficulty", "probes", "train_loss", "screening"):
         assert (w / "report" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (own / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     st = rep["runs"]["policylong"]["stages"]
     assert [s["stage"] for s in st] == [0, 1] and "difficulty" not in st[0]
     # independent reading of stage 1's tokens: data.bin as raw integers

@@ -84,10 +84,9 @@ def main() -> None:
                 raise RuntimeError(f"step {step + 1}: optimizer step skipped (inf/nan gradients)")
             sched.step(increment=tc.global_batch_size)
             step += 1
-            loss = T._broadcast_from_writer(
-                {"loss": T._mean_loss(losses)},
-                _writer(),
-            )["loss"]
+            loss = T._broadcast_from_writer({"loss": T._mean_loss(losses)}, T.is_metrics_writer())[
+                "loss"
+            ]
             row = {"stage": t, "step": step, "loss": loss, "stage_dir": stage_dir}
             if rank0:
                 print(json.dumps(row), flush=True)
@@ -100,16 +99,6 @@ def main() -> None:
             T.save_checkpoint(ck, step, model, opt, sched)
     T.close_checkpoint_writer()
     destroy_distributed()
-
-
-def _writer() -> bool:
-    from megatron.core import parallel_state as ps
-
-    return (
-        ps.is_pipeline_last_stage()
-        and ps.get_tensor_model_parallel_rank() == 0
-        and ps.get_data_parallel_rank() == 0
-    )
 
 
 if __name__ == "__main__":

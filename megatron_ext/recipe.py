@@ -74,28 +74,29 @@ class StageHook:
         """Screen stage t's roots with ``model`` (this rank's GPTModel, possibly wrapped in DDP /
         Float16Module) and write the stage dataset; a complete stage is returned as is, a
         partial one resumes. Collective: every rank of the job calls it."""
-        from policylong.screening.pipeline import screen_stage
-        from policylong.stages import _shard, stage_config
+        from megatron.core.utils import unwrap_model
+
+        from policylong.stages import screen_loop_stage
 
         from .lm import MegatronLanguageModel
 
         out = self.stage_dir(t)
         if os.path.isfile(os.path.join(out, "manifest.json")):
             return out
-        core = _unwrap(model)
+        core = unwrap_model(model)
         was_training = core.training
         core.eval()
         try:
             lm = MegatronLanguageModel(core, self.hf_cfg, self.tokenizer_dir)
             os.makedirs(self.root, exist_ok=True)
-            screen_stage(
-                stage_config(self.cfg, t, self.roots_per_stage),
+            screen_loop_stage(
+                self.cfg,
+                t,
+                self.roots_per_stage,
                 lm,
+                model_desc,
                 self.index,
                 self.embedder,
-                out,
-                model_desc=model_desc,
-                shard=_shard(),
             )
         finally:
             core.train(was_training)
@@ -135,10 +136,3 @@ class StageHook:
         for step in range(start_step, num_steps):
             for j in range(micro):
                 yield collate(ds, batch_indices(step, j, self.cfg, dp_rank, dp), device)
-
-
-def _unwrap(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model

@@ -90,7 +90,9 @@ def model_options(cfg: Config, src: str | None = None) -> M.ModelOptions:
         dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     rotary, scale = t.rotary_base or None, t.rope_scaling_factor or None
     if src is not None:
-        path = src.rpartition("@")[0] if "@" in src else src
+        from policylong.basemodel import split_source
+
+        path = split_source(src)[0]
         if is_megatron_checkpoint(path):
             saved = read_meta(path).get("model_options", {})
             rotary = rotary or saved.get("rotary_base")
@@ -237,14 +239,6 @@ def resolve_start(src: str) -> tuple[dict, str]:
 
 def build_model(hf_cfg: dict, opts: M.ModelOptions, seq_length: int):
     return M.build_gpt_model(hf_cfg, opts, max_seq_length=seq_length)
-
-
-def split_source(src: str) -> tuple[str, int | None]:
-    """``CKPT@N`` -> (CKPT, N): iteration N of a Megatron checkpoint instead of its latest."""
-    path, sep, it = src.rpartition("@")
-    if sep and it.isdigit() and is_megatron_checkpoint(path):
-        return path, int(it)
-    return src, None
 
 
 def load_start_weights(model, src: str, hf_cfg: dict, iteration: int | None = None) -> None:
@@ -567,9 +561,7 @@ def train_stage(
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     )
 
-    writer = (
-        ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
-    )
+    writer = is_metrics_writer()
     metrics_path = os.path.join(out, "metrics.jsonl")
     if writer:
         _truncate_metrics(metrics_path, state["iteration"])
@@ -654,6 +646,18 @@ def _mean_loss(losses) -> float | None:
         dist.all_reduce(v, group=ps.get_data_parallel_group())
         v /= ps.get_data_parallel_world_size()
     return float(v)
+
+
+def is_metrics_writer() -> bool:
+    """The one rank that holds the loss and writes metrics: last pipeline stage, TP rank 0,
+    DP rank 0."""
+    from megatron.core import parallel_state as ps
+
+    return (
+        ps.is_pipeline_last_stage()
+        and ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_data_parallel_rank() == 0
+    )
 
 
 def _broadcast_from_writer(row: dict, writer: bool) -> dict:

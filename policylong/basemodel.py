@@ -68,6 +68,16 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
+def split_source(src: str) -> tuple[str, int | None]:
+    """``CKPT@N`` -> (CKPT, N): iteration N of a PolicyLong Megatron checkpoint instead of its
+    latest save; any other source -> (src, None). A trailing ``@<digits>`` always means an
+    iteration."""
+    path, sep, it = src.rpartition("@")
+    if sep and path and it.isdigit():
+        return path, int(it)
+    return src, None
+
+
 def _tokenize(vocab: dict[str, int], text: str) -> list[int]:
     unk = vocab["<unk>"]
     return [vocab.get(w, unk) for w in text.split()]

@@ -131,12 +131,13 @@ def cmd_index(args) -> int:
 
 
 def run_screen(cfg, out_dir: str, overwrite: bool = False) -> dict:
+    from policylong.basemodel import split_source
     from policylong.lm import load_language_model
     from policylong.retrieval import Embedder, PassageIndex
     from policylong.screening.pipeline import screen_stage
 
-    ckpt = cfg.model.path.rpartition("@")[0] or cfg.model.path
-    if os.path.isfile(os.path.join(ckpt, "policylong.json")):
+    ckpt = split_source(cfg.model.path)[0]
+    if os.path.isfile(os.path.join(ckpt, "policylong.json")):  # megatron_ext.train.META
         # a PolicyLong Megatron checkpoint (``CKPT@N``: its iteration N), built in this process
         from policylong.stages import _screening_model
 

@@ -120,28 +120,25 @@ def sequence_loss(lm, seqs: list[list[int]], batch_size: int = 4) -> float:
     return score_probes(lm, probes, batch_size)["nll"]
 
 
-def heldout_roots(cfg, runs: list[dict]) -> list[str]:
-    """Root documents no stage of any of ``runs`` screened (probe and landscape roots)."""
-    from policylong.corpus import read_documents
-
-    docs = read_documents(cfg.path(cfg.corpus.docs), cfg.corpus.id_field, cfg.corpus.text_field)
+def heldout_roots(docs: list, root_offset: int, runs: list[dict]) -> list[str]:
+    """Ids of the corpus documents (from ``root_offset`` on) that no stage of any of ``runs``
+    screened: the probe and landscape roots."""
     used = set()
     for r in runs:
         for s in r["stages"]:
             used.update(range(*s["root_range"]))
-    return [d.id for i, d in enumerate(docs) if i >= cfg.data.root_offset and i not in used]
+    return [d.id for i, d in enumerate(docs) if i >= root_offset and i not in used]
 
 
 def _run_summary(root: str) -> dict:
     """What a finished (or partly finished) loop left in ``root``: stages, checkpoints, stats."""
-    from policylong.datasets import load_manifest, read_provenance
+    from policylong.datasets import load_manifest
 
     with open(os.path.join(root, "loop.json")) as f:
         history = json.load(f)
     stages = []
     for h in sorted(history, key=lambda h: h["stage"]):
         m = load_manifest(h["stage_dir"])
-        prov = read_provenance(h["stage_dir"])
         with open(os.path.join(h["checkpoint"], "metrics.jsonl")) as f:
             metrics = [json.loads(x) for x in f if x.strip()]
         stages.append(
@@ -154,7 +151,7 @@ def _run_summary(root: str) -> dict:
                     m["config"]["data"]["root_offset"],
                     m["config"]["data"]["root_offset"] + m["config"]["data"]["num_roots"],
                 ],
-                "sequences": len(prov),
+                "sequences": m["num_sequences"],
                 "screening": {
                     k: m["stats"].get(k)
                     for k in (
@@ -208,18 +205,14 @@ def loop_report(
         if not os.path.isfile(os.path.join(root, "loop.json")):
             raise FileNotFoundError(f"{root}: no loop.json (run `policylong run` first)")
         runs[p] = _run_summary(root)
-    held = heldout_roots(cfg, list(runs.values()))[:max_probe_roots]
+    corpus = read_documents(cfg.path(cfg.corpus.docs), cfg.corpus.id_field, cfg.corpus.text_field)
+    held = heldout_roots(corpus, cfg.data.root_offset, list(runs.values()))[:max_probe_roots]
     if not held:
         raise ValueError(
             f"{cfg.path(cfg.corpus.docs)}: every root document was used for training; the "
             "report needs held-out roots (make the corpus larger than stages × roots_per_stage)"
         )
-    docs = {
-        d.id: d.text
-        for d in read_documents(
-            cfg.path(cfg.corpus.docs), cfg.corpus.id_field, cfg.corpus.text_field
-        )
-    }
+    docs = {d.id: d.text for d in corpus}
     corpus_dir = os.path.dirname(cfg.path(cfg.corpus.docs))
     has_gt = bool(cfg.corpus.ground_truth) and os.path.isfile(cfg.path(cfg.corpus.ground_truth))
     seqs_cache: dict[str, list[list[int]]] = {}

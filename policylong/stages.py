@@ -124,13 +124,14 @@ def checkpoint_done(ckpt: str) -> bool:
 def _screening_model(cfg: Config, src: str):
     """M_t as a LanguageModel: the Megatron model built from ``src`` (a HF folder, a Megatron
     checkpoint, or ``CKPT@N`` for its iteration N) in this process."""
+    from policylong.basemodel import split_source
     from policylong.megatron_ext import model as M
     from policylong.megatron_ext import train as T
     from policylong.megatron_ext.lm import MegatronLanguageModel
     from policylong.megatron_ext.parallel import init_distributed
 
     init_distributed(cfg.parallel, seed=cfg.seed)
-    path, iteration = T.split_source(src)
+    path, iteration = split_source(src)
     hf_cfg, meta_dir = T.resolve_start(path)
     opts = T.model_options(cfg, path)
     model = M.build_gpt_model(hf_cfg, opts, max_seq_length=cfg.data.seq_length)
@@ -285,37 +286,51 @@ def _start_overlap(cfg: Config, t: int, src: str, staleness: dict | None):
         return subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env), log_path
 
 
-def _screen_one(cfg: Config, t: int, R: int, src: str, index, emb, staleness=None) -> None:
+def screen_loop_stage(
+    cfg: Config, t: int, R: int, lm, model_desc: str, index, emb, staleness=None
+) -> str:
+    """Screen stage t of the loop (its disjoint roots) with ``lm`` into ``runs/<preset>/
+    stage_t``, data-parallel under torchrun (every rank calls it); returns the folder. Shared
+    by ``policylong run`` and ``megatron_ext.recipe.StageHook``."""
     from policylong.screening.pipeline import screen_stage
 
     scfg = stage_config(cfg, t, R)
     stage_dir = os.path.join(run_dir(cfg), f"stage_{t}")
+    log.info(
+        "stage %d: screening roots [%d, %d) with %s",
+        t,
+        scfg.data.root_offset,
+        scfg.data.root_offset + R,
+        model_desc,
+    )
+    screen_stage(
+        scfg,
+        lm,
+        index,
+        emb,
+        stage_dir,
+        model_desc=model_desc,
+        shard=_shard(),
+        on_batch=lambda b: _die_if(f"screen:{t}:{b}"),
+        extra={"staleness": staleness} if staleness else None,
+    )
+    return stage_dir
+
+
+def _screen_one(cfg: Config, t: int, R: int, src: str, index, emb, staleness=None) -> None:
+    """Screen stage t with the model built from ``src`` (unless another screener finished it)."""
+    stage_dir = os.path.join(run_dir(cfg), f"stage_{t}")
     with _stage_lock(stage_dir):
         if os.path.isfile(os.path.join(stage_dir, "manifest.json")):
             return  # another screener finished it while we waited
-        log.info(
-            "stage %d: screening roots [%d, %d) with %s",
-            t,
-            scfg.data.root_offset,
-            scfg.data.root_offset + R,
-            src,
-        )
-        lm = _screening_model(scfg, src)
-        screen_stage(
-            scfg,
-            lm,
-            index,
-            emb,
-            stage_dir,
-            model_desc=os.path.abspath(src) if os.path.exists(src) else src,
-            shard=_shard(),
-            on_batch=lambda b: _die_if(f"screen:{t}:{b}"),
-            extra={"staleness": staleness} if staleness else None,
-        )
+        lm = _screening_model(stage_config(cfg, t, R), src)
+        desc = os.path.abspath(src) if os.path.exists(src) else src
+        screen_loop_stage(cfg, t, R, lm, desc, index, emb, staleness)
 
 
 def _overlap_main(argv: list[str]) -> int:
     """The second process of ``loop.overlap``: wait for the checkpoint, screen one stage."""
+    from policylong.basemodel import split_source
     from policylong.cli import _setup_logging
     from policylong.config import load_config
     from policylong.megatron_ext.parallel import destroy_distributed
@@ -326,10 +341,7 @@ def _overlap_main(argv: list[str]) -> int:
     cfg_path, t, src, staleness = argv[0], int(argv[1]), argv[2], json.loads(argv[3])
     cfg = load_config(cfg_path)
     R = check_loop(cfg, 1)
-    path, it = src, None
-    if "@" in src:
-        path, _, n = src.rpartition("@")
-        it = int(n)
+    path, it = split_source(src)
     parent = os.getppid()
     while it is not None and not os.path.isdir(iter_dir(path, it)):
         if os.getppid() != parent:
@@ -349,6 +361,7 @@ def _overlap_main(argv: list[str]) -> int:
 
 def run_stages(cfg: Config) -> list[dict]:
     """Run (or resume) the loop; returns one summary per stage."""
+    from policylong.datasets import load_manifest
     from policylong.megatron_ext.train import plan_stage, train_stage
     from policylong.retrieval import Embedder, PassageIndex
 
@@ -399,11 +412,18 @@ def run_stages(cfg: Config) -> list[dict]:
             _screen_one(cfg, t, R, screener_src, index, emb)
         screen_s = time.time() - t0
         t1 = time.time()
+        man = load_manifest(stage_dir)
         nxt = os.path.join(root, f"stage_{t + 1}")
-        if cfg.loop.overlap and t + 1 < T and not complete(nxt):
+        overlap_next = cfg.loop.overlap and t + 1 < T and not complete(nxt)
+        train_needed = not checkpoint_done(ckpt)
+        steps = (  # one plan (it hashes the stage's files) for the overlap and the warning
+            plan_stage(scfg, [stage_dir], prev, ckpt)["train_steps"]
+            if train_needed or (overlap_next and cfg.loop.on_policy)
+            else None
+        )
+        if overlap_next:
             src, stale = cfg.loop.start, None
             if cfg.loop.on_policy:
-                steps = plan_stage(scfg, [stage_dir], prev, ckpt)["train_steps"]
                 k = overlap_iteration(steps, cfg.train.save_interval, cfg.loop.overlap_after)
                 if k is not None:
                     src = f"{ckpt}@{k}"
@@ -417,12 +437,9 @@ def run_stages(cfg: Config) -> list[dict]:
                     src = None  # no save before the end: screen after training instead
             if src is not None:
                 pending = (t + 1, *_start_overlap(cfg, t + 1, src, stale))
-        if not checkpoint_done(ckpt):
-            with open(os.path.join(stage_dir, "manifest.json")) as f:
-                nseq = json.load(f)["num_sequences"]
-            samples = plan_stage(scfg, [stage_dir], prev, ckpt)["train_steps"] * (
-                cfg.train.global_batch_size
-            )
+        if train_needed:
+            nseq = man["num_sequences"]
+            samples = steps * cfg.train.global_batch_size
             if samples > nseq:
                 log.warning(
                     "stage %d: %d training samples from %d sequences (%.1f passes); the paper "
@@ -435,8 +452,6 @@ def run_stages(cfg: Config) -> list[dict]:
             log.info("stage %d: training %s -> %s", t, prev, ckpt)
             train_stage(scfg, [stage_dir], prev, ckpt, kill_at_step=_kill_step(t))
             _die_if(f"stage:{t}")
-        with open(os.path.join(stage_dir, "manifest.json")) as f:
-            man = json.load(f)
         summary = {
             "stage": t,
             "stage_dir": stage_dir,

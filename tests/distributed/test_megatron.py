@@ -369,32 +369,28 @@ def test_launch_scripts_dry_run(tmp_path, copy_stage):
         "CONFIG": "examples/configs/qwen2.5-3b-128k.yaml",
     }
     extra = ["--set", "train.seq_length=64", "--set", "train.global_batch_size=16"]
-    r = subprocess.run(
-        ["bash", "examples/train_single_node.sh", *extra],
-        cwd=root,
-        env={**env, "NPROC": "8"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    first, plan = r.stdout.split("\n", 1)
+
+    def dry_run(script, **env_extra):
+        """(the launch command it prints, the plan)"""
+        r = subprocess.run(
+            ["bash", script, *extra],
+            cwd=root,
+            env={**env, **env_extra},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        first, plan = r.stdout.split("\n", 1)
+        return first, json.loads(plan)
+
+    first, p = dry_run("examples/train_single_node.sh", NPROC="8")
     assert first.startswith("torchrun --standalone --nproc-per-node 8")
-    p = json.loads(plan)
     assert (p["tensor_parallel"], p["context_parallel"], p["data_parallel"]) == (2, 4, 1)
     assert p["tokens_per_rank_per_micro_batch"] == 16
-    r = subprocess.run(
-        ["bash", "examples/train_multinode.slurm", *extra],
-        cwd=root,
-        env={**env, "NNODES": "2"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    first, plan = r.stdout.split("\n", 1)
+    first, p = dry_run("examples/train_multinode.slurm", NNODES="2")
     assert first.startswith("srun --kill-on-bad-exit=1 torchrun --nnodes 2 --nproc-per-node 8")
-    assert json.loads(plan)["data_parallel"] == 2
+    assert p["data_parallel"] == 2
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])

@@ -10,6 +10,12 @@ device-to-device copy as the rooflines)::
     python examples/bench_kernels.py --device cuda --dtype bfloat16 \
         --n 2048 8192 32768 --d 2048 3584 4096 --vocab 151936 128256
 
+Variant sweep on one GPU (every kernel variant of ``LINEAR_VARIANTS`` / ``LOGITS_VARIANTS``
+launched explicitly, no autotuner; rows ``"bench": "kernels_sweep"``)::
+
+    python examples/bench_kernels.py --device cuda --dtype bfloat16 --sweep \
+        --n 8192 32768 --d 4096 --vocab 151936
+
 Fused linear entropy (``hidden [n, d] @ weight [v, d]ᵀ`` → entropy [n]): seconds, achieved
 TFLOP/s (2·n·d·v flops) and peak extra memory; ``matmul`` is ``hidden @ weight.T`` with cuBLAS,
 the ceiling the fused kernel is compared with. Logits entropy (``logits [n, v]`` → [n]):
@@ -237,6 +243,121 @@ def measure_cuda_group(kind, methods, n, d, v, dtype, device):
     return rows
 
 
+# -- variant sweep (CUDA): one explicit launch per kernel variant, no autotuner ----------------
+
+LINEAR_VARIANTS = {  # name -> keyword arguments of linear_entropy_partials_triton
+    "ptr n256 k64 s3 g8": dict(block_n=256, block_k=64, num_stages=3),
+    "ptr n256 k64 s4 g8": dict(block_n=256, block_k=64, num_stages=4),
+    "ptr n256 k64 s3 g16": dict(block_n=256, block_k=64, num_stages=3, group_m=16),
+    "ptr flat n256 k64 s3 g8": dict(block_n=256, block_k=64, num_stages=3, flatten=True),
+    "tma n256 k64 s3 g8": dict(block_n=256, block_k=64, num_stages=3, tma=True),
+    "tma n256 k64 s4 g8": dict(block_n=256, block_k=64, num_stages=4, tma=True),
+    "tma flat n256 k64 s3 g8": dict(block_n=256, block_k=64, num_stages=3, tma=True, flatten=True),
+    "tma flat n256 k64 s4 g8": dict(block_n=256, block_k=64, num_stages=4, tma=True, flatten=True),
+    "tma flat n256 k64 s4 g16": dict(
+        block_n=256, block_k=64, num_stages=4, tma=True, flatten=True, group_m=16
+    ),
+    "tma flat n256 k64 s4 g32": dict(
+        block_n=256, block_k=64, num_stages=4, tma=True, flatten=True, group_m=32
+    ),
+    "tma n256 k128 s2 g8": dict(block_n=256, block_k=128, num_stages=2, tma=True),
+    "tma flat n128 k64 s4 g8 w4": dict(
+        block_n=128, block_k=64, num_stages=4, tma=True, flatten=True, num_warps=4
+    ),
+    "tma m256 n128 k64 s3 g8": dict(
+        block_m=256, block_n=128, block_k=64, num_stages=3, tma=True, group_m=8
+    ),
+    "tma flat m256 n128 k64 s4 g8": dict(
+        block_m=256, block_n=128, block_k=64, num_stages=4, tma=True, flatten=True
+    ),
+}
+
+LOGITS_VARIANTS = {  # name -> keyword arguments of logits_entropy_partials_triton
+    "r1 v2048 w4 lane": dict(block_r=1, block_v=2048, lane=True, num_warps=4),
+    "r1 v2048 w4 lazy": dict(block_r=1, block_v=2048, lazy=True, num_warps=4),
+    "r1 v2048 w4 lazy s2": dict(block_r=1, block_v=2048, lazy=True, stages=2, num_warps=4),
+    "r1 v2048 w4 lazy s3": dict(block_r=1, block_v=2048, lazy=True, stages=3, num_warps=4),
+    "r1 v4096 w8 lazy": dict(block_r=1, block_v=4096, lazy=True, num_warps=8),
+    "r1 v4096 w4 lazy": dict(block_r=1, block_v=4096, lazy=True, num_warps=4),
+    "r1 v1024 w2 lazy": dict(block_r=1, block_v=1024, lazy=True, num_warps=2),
+    "r1 v1024 w1 lazy": dict(block_r=1, block_v=1024, lazy=True, num_warps=1),
+    "r1 v2048 w2 lazy s2": dict(block_r=1, block_v=2048, lazy=True, stages=2, num_warps=2),
+    "r2 v2048 w8 lazy": dict(block_r=2, block_v=2048, lazy=True, num_warps=8),
+    "r4 v1024 w4 lazy": dict(block_r=4, block_v=1024, lazy=True, num_warps=4),
+    "r1 v4096 w8 rows": dict(block_r=1, block_v=4096, num_warps=8),
+    "probe r1 v2048 w4 (sum only)": dict(block_r=1, block_v=2048, lane=True, num_warps=4, probe=1),
+    "probe r1 v2048 w4 s3 (sum only)": dict(
+        block_r=1, block_v=2048, lane=True, num_warps=4, stages=3, probe=1
+    ),
+}
+
+
+def sweep_cuda(kind, n, d, v, dtype, device, only=None):
+    """Time every variant of one kernel at one shape against its roofline (cuBLAS matmul of
+    the same shape, or a device copy of the logits), in this process, with do_bench medians;
+    a variant that fails to compile or run gives an error row, not a crash."""
+    import torch
+    import triton.testing
+
+    import policylong.kernels.entropy as E
+
+    dt = getattr(torch, dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    if kind == "linear":
+        h = (torch.randn(n, d, generator=g, device=device) * 0.05).to(dt)
+        w = (torch.randn(v, d, generator=g, device=device) * 0.05).to(dt)
+        roof = lambda: h @ w.T  # noqa: E731
+        ref = E.finalize_partials(*E.linear_entropy_partials(h, w))[0].double()
+        variants, fn, args = LINEAR_VARIANTS, E.linear_entropy_partials_triton, (h, w)
+        work = 2.0 * n * d * v
+    else:
+        x = (torch.randn(n, v, generator=g, device=device) * 2).to(dt)
+        roof = lambda: x.clone()  # noqa: E731
+        ref = E.finalize_partials(*E.logits_entropy_partials_triton(x, block_r=4))[0].double()
+        variants, fn, args = LOGITS_VARIANTS, E.logits_entropy_partials_triton, (x,)
+        work = n * v * x.element_size()
+    bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median") / 1e3  # noqa: E731
+    roof_s = bench(roof)
+    roof_rate = work / roof_s / 1e12 if kind == "linear" else 2 * work / roof_s / 1e9
+    base = {"kernel": kind, "n": n, "d": d, "v": v, "dtype": dtype, "device": device}
+    rows = [{**base, "method": "matmul" if kind == "linear" else "copy", "seconds": roof_s}]
+    for name, kw in variants.items():
+        if only and not any(o in name for o in only):
+            continue
+        row = {**base, "method": "triton", "variant": name}
+        try:
+            t0 = time.perf_counter()
+            out = E.finalize_partials(*fn(*args, **kw))[0].double()
+            torch.cuda.synchronize()
+            row["first_call_s"] = round(time.perf_counter() - t0, 2)  # compile included
+            if not kw.get("probe"):
+                row["rel_err"] = float((out - ref).norm() / ref.norm())
+            sec = bench(lambda kw=kw: fn(*args, **kw))
+        except Exception as e:  # noqa: BLE001 - one bad variant must not lose the others
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            rows.append(row)
+            print(f"{kind:>6} {name:<34} n={n} d={d} v={v}: {row['error']}", flush=True)
+            continue
+        row["seconds"] = sec
+        if kind == "linear":
+            row["tflops"] = round(work / sec / 1e12, 1)
+            row["ratio"] = round(row["tflops"] / roof_rate, 3)
+        else:
+            row["gb_per_s"] = round(work / sec / 1e9, 1)
+            row["ratio"] = round(row["gb_per_s"] / roof_rate, 3)
+        rows.append(row)
+        rate = f"{row.get('tflops', row.get('gb_per_s'))}"
+        print(
+            f"{kind:>6} {name:<34} n={n} d={d} v={v}: {sec * 1e3:8.3f} ms {rate:>7} "
+            f"{'TFLOP/s' if kind == 'linear' else 'GB/s'} = {row['ratio']:.3f} of "
+            f"{roof_rate:.0f} ({'cuBLAS' if kind == 'linear' else 'copy'}) "
+            f"err {row.get('rel_err', float('nan')):.1e} first {row['first_call_s']} s",
+            flush=True,
+        )
+    rows[0]["tflops" if kind == "linear" else "gb_per_s"] = round(roof_rate, 1)
+    return rows
+
+
 def _fmt(r: dict) -> str:
     if "error" in r:
         return (
@@ -271,6 +392,19 @@ def main() -> None:
         help="skip the materialised path for n above this (its logits alone are "
         "n·v·4 bytes: 20 GB at n=32K, v=152K)",
     )
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="measure only these of materialised/chunked/triton/matmul/copy",
+    )
+    ap.add_argument(
+        "--sweep",
+        action="store_true",
+        help="CUDA: time every kernel variant (LINEAR_VARIANTS / LOGITS_VARIANTS) at each "
+        "shape against its roofline instead of the autotuned launch",
+    )
+    ap.add_argument("--only", nargs="+", default=None, help="--sweep: variants containing these")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
 
@@ -293,6 +427,23 @@ def main() -> None:
     except ImportError:
         meta["triton"] = None
     rows = []
+    if args.sweep:
+        if not cuda:
+            raise SystemExit("--sweep times Triton variants: it needs --device cuda")
+        meta["bench"] = "kernels_sweep"
+        for kind in args.kernels:
+            for v in args.vocab:
+                for d in args.d if kind == "linear" else [None]:
+                    for n in args.n:
+                        group = sweep_cuda(kind, n, d, v, args.dtype, args.device, args.only)
+                        rows += group
+                        if not args.no_save:
+                            with open(RESULTS, "a") as f:
+                                for r in group:
+                                    f.write(json.dumps({**meta, **r}) + "\n")
+        if not args.no_save:
+            print(f"appended {len(rows)} rows to {RESULTS}")
+        return
     for kind in args.kernels:
         for v in args.vocab:
             for d in args.d if kind == "linear" else [None]:
@@ -302,6 +453,8 @@ def main() -> None:
                         methods.insert(0, "materialised")
                     if cuda:
                         methods += ["triton", "matmul" if kind == "linear" else "copy"]
+                    if args.methods:
+                        methods = [m for m in methods if m in args.methods]
                     if cuda:
                         group = measure_cuda_group(kind, methods, n, d, v, args.dtype, args.device)
                         for r in group:

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # GPU checks of the entropy kernels in one call on a lent GPU (device tool), or on any CUDA node:
-#   bash examples/device_check_kernels.sh          # headline shapes; logs + results under $OUT
-#   FULL=1 bash examples/device_check_kernels.sh   # the whole grid of the issue (~4 min on H200)
+#   bash examples/device_check_kernels.sh          # tests, variant sweep, autotuned grid
+#   SWEEP=0 bash examples/device_check_kernels.sh  # tests + the autotuned grid of the issue
+# Phases (each with its own timeout, logs under $OUT): (1) the kernel tests compiled on CUDA
+# with one fixed config; (2) --sweep: every variant of both kernels launched explicitly at the
+# headline shapes, against cuBLAS / a device copy; (3) the autotuned launches over the whole
+# grid of the issue (Triton and the roofline only; the compiles are cached from (2)); (4) the
+# chunked PyTorch path at the headline shape for the speed-up.
 # The image there has torch and triton but not this package's other requirements, so the
 # package is put on PYTHONPATH as an installed tree (policylong/, kernels/ -> policylong.kernels)
 # instead of pip-installing it; pytest runs from outside the repo so ./policylong does not
@@ -20,20 +25,23 @@ export PYTHONPATH=/tmp/shim
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used,memory.total --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 if [ "${TESTS:-1}" = 1 ]; then
-echo "== tests (compiled Triton on CUDA, fixed config)"
+echo "== (1) tests (compiled Triton on CUDA, fixed config)"
 (cd /tmp && POLICYLONG_TRITON_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-110}" python3 -m pytest -q \
-    -p no:cacheprovider -rfEs "$REPO/tests/unit/test_entropy.py" "$REPO/tests/gpu" 2>&1 \
-    | tee "$OUT/pytest.log" | tail -25)
+    -p no:cacheprovider -rfEs -x "$REPO/tests/unit/test_entropy.py" "$REPO/tests/gpu" 2>&1 \
+    | tee "$OUT/pytest.log" | tail -15)
 fi
 B="python3 $REPO/examples/bench_kernels.py --device cuda --dtype bfloat16"
-if [ "${FULL:-0}" = 1 ]; then
-    timeout "${FULL_TIMEOUT:-300}" $B --n 2048 8192 32768 --d 2048 3584 4096 --vocab 151936 128256 2>&1 \
-        | tee "$OUT/bench_full.log"
-else
-    echo "== benchmark: headline shapes (autotuned)"
-    timeout "${BENCH1_TIMEOUT:-130}" $B --n 8192 32768 --d 4096 --vocab 151936 \
-        --kernels linear 2>&1 | tee "$OUT/bench_linear.log"
-    timeout "${BENCH2_TIMEOUT:-80}" $B --n 8192 32768 --vocab 151936 --kernels logits 2>&1 \
-        | tee "$OUT/bench_logits.log"
+if [ "${SWEEP:-1}" = 1 ]; then
+    echo "== (2) variant sweep"
+    timeout "${SWEEP1_TIMEOUT:-170}" $B --sweep --kernels linear --n 32768 8192 --d 4096 \
+        --vocab 151936 2>&1 | tee "$OUT/sweep_linear.log"
+    timeout "${SWEEP2_TIMEOUT:-70}" $B --sweep --kernels logits --n 32768 8192 \
+        --vocab 151936 2>&1 | tee "$OUT/sweep_logits.log"
 fi
+echo "== (3) autotuned launches, the issue's grid"
+timeout "${GRID_TIMEOUT:-150}" $B --methods triton matmul copy --n 2048 8192 32768 \
+    --d 2048 3584 4096 --vocab 151936 128256 2>&1 | tee "$OUT/bench_grid.log"
+echo "== (4) chunked PyTorch path at the headline shape"
+timeout "${CHUNKED_TIMEOUT:-40}" $B --kernels linear --methods chunked triton matmul \
+    --n 32768 --d 4096 --vocab 151936 2>&1 | tee "$OUT/bench_chunked.log"
 cp "$REPO/benchmarks/results.jsonl" "$OUT/results.jsonl"

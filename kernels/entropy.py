@@ -195,34 +195,65 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,
         BLOCK_V: tl.constexpr,
         LANE: tl.constexpr,
+        LAZY: tl.constexpr,
+        STAGES: tl.constexpr,
+        PROBE: tl.constexpr,
     ):
-        """Rows [pid*BLOCK_R, +BLOCK_R) of logits [n, v]: one streaming pass over v."""
+        """Rows [pid*BLOCK_R, +BLOCK_R) of logits [n, v]: one streaming pass over v.
+
+        ``LANE``: sums stay per lane ([BLOCK_R, BLOCK_V]) and reduce once at the end, one
+        cross-warp reduction (the max) per tile instead of three. ``LAZY`` (with ``LANE``):
+        the per-lane sums are rescaled only in tiles that raise some row's max, which after
+        the first tiles of a row is rare (tile k of iid logits holds a new max with
+        probability 1/k), saving two multiplies per element. ``STAGES`` > 1 software-pipelines
+        the loads. ``PROBE`` = 1 is a bandwidth probe for benchmarks only (sums x, no exp; its
+        partials are not an entropy).
+        """
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < n
         base = X + rows.to(tl.int64)[:, None] * stride_x
         m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
         s_i = tl.zeros([BLOCK_R], tl.float32)
         t_i = tl.zeros([BLOCK_R], tl.float32)
-        if LANE:
-            # sums stay per lane ([BLOCK_R, BLOCK_V]) and reduce once at the end: one
-            # cross-warp reduction (the max) per tile instead of three
+        if PROBE == 1:
+            s_v = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
+            for vs in tl.range(0, v, BLOCK_V, num_stages=STAGES):
+                cols = vs + tl.arange(0, BLOCK_V)
+                mask = rmask[:, None] & (cols < v)[None, :]
+                s_v += tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s_i = tl.sum(s_v, 1)
+        elif LANE:
             s_v = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
             t_v = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
-            for vs in range(0, v, BLOCK_V):
+            for vs in tl.range(0, v, BLOCK_V, num_stages=STAGES):
                 cols = vs + tl.arange(0, BLOCK_V)
                 mask = rmask[:, None] & (cols < v)[None, :]
                 x = tl.load(base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-                m_new = tl.maximum(m_i, tl.max(x, 1))
-                safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - safe))
-                p = tl.exp(x - safe[:, None])
-                s_v = s_v * alpha[:, None] + p
-                t_v = t_v * alpha[:, None] + p * tl.where(p > 0, x, 0.0)
-                m_i = m_new
+                tmax = tl.max(x, 1)
+                if LAZY:
+                    if tl.sum((tmax > m_i).to(tl.int32), 0) > 0:
+                        m_new = tl.maximum(m_i, tmax)
+                        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                        alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - safe))
+                        s_v = s_v * alpha[:, None]
+                        t_v = t_v * alpha[:, None]
+                        m_i = m_new
+                    safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+                    p = tl.exp(x - safe[:, None])
+                    s_v += p
+                    t_v += p * tl.where(p > 0, x, 0.0)
+                else:
+                    m_new = tl.maximum(m_i, tmax)
+                    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - safe))
+                    p = tl.exp(x - safe[:, None])
+                    s_v = s_v * alpha[:, None] + p
+                    t_v = t_v * alpha[:, None] + p * tl.where(p > 0, x, 0.0)
+                    m_i = m_new
             s_i = tl.sum(s_v, 1)
             t_i = tl.sum(t_v, 1)
         else:
-            for vs in range(0, v, BLOCK_V):
+            for vs in tl.range(0, v, BLOCK_V, num_stages=STAGES):
                 cols = vs + tl.arange(0, BLOCK_V)
                 mask = rmask[:, None] & (cols < v)[None, :]
                 x = tl.load(base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
@@ -239,6 +270,20 @@ if HAS_TRITON:
         tl.store(OUT_M + rows, m_i, mask=rmask)
         tl.store(OUT_S + rows, s_i, mask=rmask)
         tl.store(OUT_T + rows, t_i, mask=rmask)
+
+    @triton.jit
+    def _fold_tile(acc, cmask, m_i, s_i, t_i):
+        """Fold one float32 logit tile ``acc [BLOCK_M, BLOCK_N]`` (valid columns ``cmask``)
+        into the running partials; every tile holds at least one valid column."""
+        logits = tl.where(cmask[None, :], acc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, 1))
+        alpha = tl.exp(m_i - m_new)  # m_i = -inf on the first tile: alpha = 0
+        p = tl.exp(logits - m_new[:, None])
+        # masked columns have p = 0 and a finite acc (zero padding, or a logit of the next
+        # split), so p * acc needs no second mask
+        s_i = s_i * alpha + tl.sum(p, 1)
+        t_i = t_i * alpha + tl.sum(p * acc, 1)
+        return m_new, s_i, t_i
 
     @triton.jit
     def _linear_entropy_kernel(
@@ -260,11 +305,20 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         IEEE: tl.constexpr,
         DOT_F32: tl.constexpr,
-        FLAT: tl.constexpr,
         GROUP_M: tl.constexpr,
+        TMA: tl.constexpr,
+        FLATTEN: tl.constexpr,
+        EVEN_K: tl.constexpr,
     ):
         """Rows [pid_m*BLOCK_M, +BLOCK_M) × vocab split pid_s: logits exist one
-        [BLOCK_M, BLOCK_N] register tile at a time and fold into (m, s, t)."""
+        [BLOCK_M, BLOCK_N] register tile at a time and fold into (m, s, t).
+
+        ``TMA``: operand tiles come through tensor descriptors made on the device (Hopper's
+        bulk tensor copy; out-of-range rows and columns are zero-filled by the copy engine),
+        else through pointer loads. ``FLATTEN`` lets the compiler flatten the (vocab tile, k)
+        loop nest so the software pipeline runs across vocab tiles instead of draining and
+        refilling once per tile. ``EVEN_K``: d is a multiple of BLOCK_K (no k mask).
+        """
         # 1D grid in groups of GROUP_M row blocks × all splits: the programs resident at one
         # time share GROUP_M hidden blocks (8 × 128 × 4096 bf16 = 8 MB) and read ~132/GROUP_M
         # weight tiles, which both stay in L2; with one row block per resident program the
@@ -284,58 +338,46 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         s_i = tl.zeros([BLOCK_M], tl.float32)
         t_i = tl.zeros([BLOCK_M], tl.float32)
-        h_base = H + rows.to(tl.int64)[:, None] * stride_h
-        if FLAT:
-            # one loop over (vocab tile, k step) pairs, the epilogue under `if` on the last k
-            # step (the shape of Triton's persistent matmul): the software pipeline then runs
-            # across vocab-tile boundaries instead of draining and refilling once per tile
-            num_k = tl.cdiv(d, BLOCK_K)
-            num_it = tl.cdiv(v1 - v0, BLOCK_N) * num_k
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for it in range(0, num_it):
-                vi = it // num_k
-                ki = it - vi * num_k
-                cols = v0 + vi * BLOCK_N + tl.arange(0, BLOCK_N)
-                k = ki * BLOCK_K + tl.arange(0, BLOCK_K)
-                kmask = k < d
-                h = tl.load(h_base + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-                w = tl.load(
-                    W + cols.to(tl.int64)[:, None] * stride_w + k[None, :],
-                    mask=(cols < v1)[:, None] & kmask[None, :],
-                    other=0.0,
-                )
-                if DOT_F32:  # the interpreter's bf16 dot is wrong (numpy has no bf16)
-                    h = h.to(tl.float32)
-                    w = w.to(tl.float32)
-                if IEEE:  # float32 inputs: no TF32, the 1e-5 contract needs full precision
-                    acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(h, tl.trans(w), acc)
-                if ki == num_k - 1:
-                    cmask = cols < v1
-                    logits = tl.where(cmask[None, :], acc, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(logits, 1))
-                    alpha = tl.exp(m_i - m_new)  # m_i = -inf on the first tile: alpha = 0
-                    p = tl.exp(logits - m_new[:, None])
-                    s_i = s_i * alpha + tl.sum(p, 1)
-                    t_i = t_i * alpha + tl.sum(p * tl.where(cmask[None, :], acc, 0.0), 1)
-                    m_i = m_new
-                    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        else:
-            for vs in range(v0, v1, BLOCK_N):
+        if TMA:
+            h_desc = tl.make_tensor_descriptor(
+                H, shape=[n, d], strides=[stride_h, 1], block_shape=[BLOCK_M, BLOCK_K]
+            )
+            w_desc = tl.make_tensor_descriptor(
+                W, shape=[v, d], strides=[stride_w, 1], block_shape=[BLOCK_N, BLOCK_K]
+            )
+            for vs in tl.range(v0, v1, BLOCK_N, flatten=FLATTEN):
+                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                for ks in range(0, d, BLOCK_K):
+                    h = h_desc.load([pid_m * BLOCK_M, ks])
+                    w = w_desc.load([vs, ks])
+                    if DOT_F32:  # the interpreter's bf16 dot is wrong (numpy has no bf16)
+                        h = h.to(tl.float32)
+                        w = w.to(tl.float32)
+                    if IEEE:  # float32 inputs: no TF32, the 1e-5 contract needs full precision
+                        acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(h, tl.trans(w), acc)
                 cols = vs + tl.arange(0, BLOCK_N)
-                cmask = cols < v1
-                w_base = W + cols.to(tl.int64)[:, None] * stride_w
+                m_i, s_i, t_i = _fold_tile(acc, cols < v1, m_i, s_i, t_i)
+        else:
+            # rows past n and columns past v are clamped to valid addresses rather than masked
+            # (their logits are discarded by the column mask and the row-masked store), so
+            # with EVEN_K the operand loads carry no predicate
+            rows_ld = tl.minimum(rows, n - 1)
+            h_base = H + rows_ld.to(tl.int64)[:, None] * stride_h
+            for vs in tl.range(v0, v1, BLOCK_N, flatten=FLATTEN):
+                cols = vs + tl.arange(0, BLOCK_N)
+                w_base = W + tl.minimum(cols, v - 1).to(tl.int64)[:, None] * stride_w
                 acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 for ks in range(0, d, BLOCK_K):
                     k = ks + tl.arange(0, BLOCK_K)
-                    kmask = k < d
-                    h = tl.load(
-                        h_base + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0
-                    )
-                    w = tl.load(
-                        w_base + k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0
-                    )
+                    if EVEN_K:
+                        h = tl.load(h_base + k[None, :])
+                        w = tl.load(w_base + k[None, :])
+                    else:
+                        kmask = (k < d)[None, :]
+                        h = tl.load(h_base + k[None, :], mask=kmask, other=0.0)
+                        w = tl.load(w_base + k[None, :], mask=kmask, other=0.0)
                     if DOT_F32:
                         h = h.to(tl.float32)
                         w = w.to(tl.float32)
@@ -343,56 +385,97 @@ if HAS_TRITON:
                         acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
                     else:
                         acc = tl.dot(h, tl.trans(w), acc)
-                logits = tl.where(cmask[None, :], acc, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(logits, 1))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(logits - m_new[:, None])
-                s_i = s_i * alpha + tl.sum(p, 1)
-                t_i = t_i * alpha + tl.sum(p * tl.where(cmask[None, :], acc, 0.0), 1)
-                m_i = m_new
+                m_i, s_i, t_i = _fold_tile(acc, cols < v1, m_i, s_i, t_i)
         off = pid_s * n + rows
         tl.store(OUT_M + off, m_i, mask=rmask)
         tl.store(OUT_S + off, s_i, mask=rmask)
         tl.store(OUT_T + off, t_i, mask=rmask)
 
+    def _even_k(args) -> bool:
+        return args["d"] % args["BLOCK_K"] == 0
+
+    def _prune_linear(configs, named_args, **kwargs):
+        """TMA configs need 16-byte aligned bases and row strides (d·bytes % 16 == 0)."""
+        if _tma_ok(named_args["H"], named_args["W"]):
+            return configs
+        return [c for c in configs if not c.kwargs.get("TMA")]
+
     # Autotuned launches for CUDA (the interpreter and explicit block sizes use the raw
-    # kernels). BLOCK_M is fixed at 128 so the vocab-split count can be chosen before launch;
+    # kernel). BLOCK_M is fixed at 128 so the vocab-split count can be chosen before launch;
     # 128 × 256 × 64 bf16 tiles are 48 KB of shared memory per pipeline stage, so 3-4 stages
-    # fit Hopper's 227 KB; float32 configs that do not fit are skipped by the autotuner.
+    # fit Hopper's 227 KB; configs that do not fit are skipped by the autotuner.
     _LINEAR_CONFIGS = [
         triton.Config(
-            {"BLOCK_N": bn, "BLOCK_K": bk, "FLAT": flat, "GROUP_M": g}, num_warps=w, num_stages=st
+            {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g, "TMA": tma, "FLATTEN": fl},
+            num_warps=w,
+            num_stages=st,
         )
-        for bn, bk, flat, g, w, st in [
-            (256, 64, False, 8, 8, 3),  # best at n = 8K and 32K, d = 4096 on an H200
-            (256, 64, False, 4, 8, 3),
-            (256, 64, False, 16, 8, 3),
-            (256, 64, False, 8, 8, 4),
-            (128, 64, False, 8, 8, 4),
-            (128, 128, False, 8, 8, 3),
-            (256, 64, True, 8, 8, 3),
-            (256, 64, True, 8, 8, 4),
-            (128, 64, True, 8, 4, 4),
+        for tma, fl, bn, bk, st, g, w in [
+            (False, False, 256, 64, 3, 8, 8),  # best at n = 8K and 32K, d = 4096 (2026-11-27)
+            (False, False, 256, 64, 4, 8, 8),
+            (False, False, 256, 64, 3, 16, 8),
+            (False, True, 256, 64, 3, 8, 8),
+            (True, False, 256, 64, 3, 8, 8),
+            (True, False, 256, 64, 4, 8, 8),
+            (True, True, 256, 64, 3, 8, 8),
+            (True, True, 256, 64, 4, 8, 8),
+            (True, True, 256, 64, 4, 16, 8),
+            (True, True, 256, 64, 4, 32, 8),
+            (True, False, 256, 128, 2, 8, 8),
+            (True, True, 128, 64, 4, 8, 4),
         ]
     ]
-    _linear_entropy_tuned = triton.autotune(_LINEAR_CONFIGS, key=["d", "v", "size_class"])(
-        _linear_entropy_kernel
-    )
+    _linear_entropy_tuned = triton.autotune(
+        _LINEAR_CONFIGS,
+        key=["d", "v", "size_class"],
+        prune_configs_by={"early_config_prune": _prune_linear},
+    )(triton.heuristics({"EVEN_K": _even_k})(_linear_entropy_kernel))
     _LOGITS_CONFIGS = [
-        triton.Config({"BLOCK_R": r, "BLOCK_V": bv, "LANE": lane}, num_warps=w)
-        for r, bv, lane, w in [
-            (1, 2048, True, 4),  # best at n = 8K and 32K, v = 151,936 on an H200
-            (1, 1024, True, 2),
-            (1, 1024, True, 4),
-            (1, 4096, True, 4),
-            (1, 4096, True, 8),
-            (2, 1024, True, 4),
-            (2, 2048, True, 8),
-            (1, 4096, False, 8),
-            (4, 2048, False, 8),
+        triton.Config(
+            {"BLOCK_R": r, "BLOCK_V": bv, "LANE": lane, "LAZY": lazy, "STAGES": st, "PROBE": 0},
+            num_warps=w,
+        )
+        for r, bv, w, lane, lazy, st in [
+            (1, 2048, 4, True, False, 1),  # best at n = 8K and 32K, v = 151,936 (2026-11-27)
+            (1, 2048, 4, True, True, 1),
+            (1, 2048, 4, True, True, 2),
+            (1, 2048, 4, True, True, 3),
+            (1, 4096, 8, True, True, 1),
+            (1, 4096, 4, True, True, 1),
+            (1, 1024, 2, True, True, 1),
+            (1, 1024, 1, True, True, 1),
+            (1, 2048, 2, True, True, 2),
+            (2, 2048, 8, True, True, 1),
+            (4, 1024, 4, True, True, 1),
+            (1, 4096, 8, False, False, 1),
         ]
     ]
     _logits_entropy_tuned = triton.autotune(_LOGITS_CONFIGS, key=["v"])(_logits_entropy_kernel)
+
+
+def _tma_ok(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Tensor descriptors need 16-byte aligned base addresses and row strides."""
+    return all(
+        x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0
+        for x in (hidden, weight)
+    )
+
+
+def _set_tma_allocator(device: torch.device) -> None:
+    """Device-side tensor descriptors need a small global scratch (128 bytes per program),
+    which Triton takes from the allocator set here (once per process)."""
+    global _TMA_ALLOCATOR_SET
+    if _TMA_ALLOCATOR_SET or device.type != "cuda":
+        return
+
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, device=device, dtype=torch.int8)
+
+    triton.set_allocator(alloc)
+    _TMA_ALLOCATOR_SET = True
+
+
+_TMA_ALLOCATOR_SET = False
 
 
 def _autotune() -> bool:
@@ -423,10 +506,15 @@ def logits_entropy_partials_triton(
     block_r: int | None = None,
     block_v: int | None = None,
     lane: bool = False,
+    lazy: bool = False,
+    stages: int = 1,
+    num_warps: int | None = None,
+    probe: int = 0,
 ):
     """Partials (m, s, t) float32 [n] of ``logits [n, v]`` (rows contiguous) in one pass.
 
-    On CUDA without explicit block sizes the launch is autotuned per vocabulary size."""
+    On CUDA without explicit block sizes the launch is autotuned per vocabulary size; the
+    keyword arguments pick one variant of the kernel (tests, the benchmark's sweep)."""
     _require_triton(logits)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -436,6 +524,25 @@ def logits_entropy_partials_triton(
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_R"]),)  # noqa: E731
         _logits_entropy_tuned[grid](logits, m, s, t, n, v, logits.stride(0))
         return m, s, t
+    block_r, block_v = block_r or 4, block_v or 2048
+    grid = (triton.cdiv(n, block_r),)
+    _logits_entropy_kernel[grid](
+        logits,
+        m,
+        s,
+        t,
+        n,
+        v,
+        logits.stride(0),
+        BLOCK_R=block_r,
+        BLOCK_V=block_v,
+        LANE=lane or lazy,
+        LAZY=lazy,
+        STAGES=stages,
+        PROBE=probe,
+        num_warps=num_warps or 4,
+    )
+    return m, s, t
     block_r, block_v = block_r or 4, block_v or 2048
     grid = (triton.cdiv(n, block_r),)
     _logits_entropy_kernel[grid](
@@ -484,27 +591,38 @@ def linear_entropy_partials_triton(
     block_n: int | None = None,
     block_k: int | None = None,
     splits: int | None = None,
-    flat: bool | None = None,
+    tma: bool | None = None,
+    flatten: bool = False,
     group_m: int = 8,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ):
     """Partials (m, s, t) float32 [n] of ``hidden @ weightᵀ`` through the fused kernel.
 
     The vocabulary is cut into ``splits`` ranges run by separate programs; their partials are
     merged here (a [splits, n] reduction: nothing vocab-sized is ever stored). On CUDA with no
-    block sizes given the launch is autotuned per (d, v, dtype); ``flat`` picks the
-    flattened-loop variant when block sizes are given.
+    block sizes and no ``tma`` given the launch is autotuned per (d, v, size class); otherwise
+    the keyword arguments pick one variant (``tma``: operands through tensor descriptors;
+    ``flatten``: the (vocab tile, k) loop nest flattened by the compiler).
     """
     _require_triton(hidden)
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()
     n, d = hidden.shape
     v = weight.shape[0]
-    tuned = hidden.is_cuda and block_n is None and block_k is None and flat is None
+    tuned = hidden.is_cuda and block_n is None and block_k is None and tma is None
     if hidden.is_cuda:
         block_m, block_n, block_k = block_m or 128, block_n or 128, block_k or 64
     else:  # interpreter: small tiles keep numpy's work per program low
         block_m, block_n, block_k = block_m or 16, block_n or 64, block_k or 32
     tuned = tuned and block_m == 128 and _autotune()
+    if tma and not _tma_ok(hidden, weight):
+        raise ValueError(
+            "tma=True needs 16-byte aligned hidden/weight rows (d · element size a multiple "
+            f"of 16; d = {d}, {hidden.dtype})"
+        )
+    if hidden.is_cuda:
+        _set_tma_allocator(hidden.device)
     quantum = SPLIT_QUANTUM if tuned else block_n
     S = splits or _num_splits(n, block_m, v, hidden.device)
     v_per_split = triton.cdiv(triton.cdiv(v, S), quantum) * quantum
@@ -523,14 +641,18 @@ def linear_entropy_partials_triton(
     if tuned:
         _linear_entropy_tuned[grid](*args, BLOCK_M=block_m, **consts)
     else:
+        opts = {"num_stages": num_stages} if num_stages else {}
         _linear_entropy_kernel[grid](
             *args,
             GROUP_M=group_m,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
-            FLAT=bool(flat),
-            num_warps=8 if hidden.is_cuda else 4,
+            TMA=bool(tma),
+            FLATTEN=flatten,
+            EVEN_K=d % block_k == 0,
+            num_warps=num_warps or (8 if hidden.is_cuda else 4),
+            **opts,
             **consts,
         )
     if S == 1:

@@ -66,37 +66,60 @@ def test_fused_linear_entropy_matches_float64(n, d, v, dtype, backend):
     assert rel(fused_linear_entropy(h, w, backend=backend), ref_h) < TOL[dtype]
 
 
+VARIANTS = [  # (tma, flatten): operand loads by pointer or tensor descriptor, loop nest as is
+    (False, False),  # or flattened by the compiler
+    (False, True),
+    (True, False),
+    (True, True),
+]
+
+
 @pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("flat", [False, True])
-def test_triton_vocab_splits_merge_exactly(flat):
-    """Several vocab splits (as on a GPU with short inputs) merge to the one-split result,
-    for both loop structures of the fused kernel (nested, and flattened over (tile, k))."""
+@pytest.mark.parametrize("tma,flatten", VARIANTS)
+def test_triton_vocab_splits_merge_exactly(tma, flatten):
+    """Several vocab splits (as on a GPU with short inputs) merge to the one-split result, for
+    every variant of the fused kernel; d = 48 is a multiple of BLOCK_K = 16 (no k mask) for
+    the pointer path, and rows/columns past the ends are clamped or zero-filled."""
     g = torch.Generator().manual_seed(1)
-    h = torch.randn(19, 33, generator=g).to(DEV)
-    w = torch.randn(777, 33, generator=g).to(DEV)
+    h = torch.randn(19, 48, generator=g).to(DEV)
+    w = torch.randn(777, 48, generator=g).to(DEV)
     ref = linear_entropy_ref(h.cpu(), w.cpu())
     for splits in (1, 2, 5):
         m, s, t = E.linear_entropy_partials_triton(
-            h, w, block_n=64, block_k=16 if flat else 32, splits=splits, flat=flat
+            h, w, block_n=64, block_k=16, splits=splits, tma=tma, flatten=flatten
         )
         out, _ = E.finalize_partials(m, s, t)
         assert rel(out, ref) < 1e-5, splits
 
 
 @pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("tma,flatten", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_flat_loop_low_precision(dtype):
-    """The flattened loop with bf16/fp16 operands, d not a multiple of BLOCK_K, a vocab that
-    leaves a ragged last tile in every split."""
+def test_triton_variants_low_precision(dtype, tma, flatten):
+    """bf16/fp16 operands, d not a multiple of BLOCK_K (masked or zero-filled k tail), a
+    vocabulary that leaves a ragged last tile in every split, rows not a multiple of BLOCK_M."""
     g = torch.Generator().manual_seed(11)
-    h = (torch.randn(23, 45, generator=g) * 0.5).to(dtype)
-    w = (torch.randn(1003, 45, generator=g) * 0.5).to(dtype)
+    h = (torch.randn(23, 40, generator=g) * 0.5).to(dtype)
+    w = (torch.randn(1003, 40, generator=g) * 0.5).to(dtype)
     ref = linear_entropy_ref(h, w)
     m, s, t = E.linear_entropy_partials_triton(
-        h.to(DEV), w.to(DEV), block_n=64, block_k=16, splits=3, flat=True
+        h.to(DEV),
+        w.to(DEV),
+        block_n=64,
+        block_k=16 if DEV == "cpu" else 32,
+        splits=3,
+        tma=tma,
+        flatten=flatten,
     )
     out, _ = E.finalize_partials(m, s, t)
     assert rel(out, ref) < TOL[dtype]
+
+
+@pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
+def test_tma_needs_aligned_rows():
+    h = torch.randn(4, 9).to(DEV)  # 36-byte rows: no tensor descriptor
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        E.linear_entropy_partials_triton(h, torch.randn(50, 9).to(DEV), block_n=16, tma=True)
 
 
 def test_split_heuristic_fills_the_gpu(monkeypatch):
@@ -135,20 +158,36 @@ def test_logits_entropy_matches_float64(dtype, backend):
 
 
 @pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("lane", [False, True])
-def test_triton_logits_variants_exact_cases(lane):
-    """Both loop structures of the logits kernel (per-row and per-lane sums), with -inf rows,
-    a one-hot row, a uniform row and a ragged last tile."""
-    x = torch.randn(6, 777)
+@pytest.mark.parametrize(
+    "lane,lazy,stages", [(False, False, 1), (True, False, 1), (True, True, 1), (True, True, 3)]
+)
+def test_triton_logits_variants_exact_cases(lane, lazy, stages):
+    """Every loop structure of the logits kernel (per-row sums, per-lane sums, per-lane with
+    lazy rescaling, pipelined loads), with -inf rows, a one-hot row, a uniform row, a row
+    whose max rises late (forces the lazy rescale) and a ragged last tile."""
+    x = torch.randn(7, 777)
     x[0] = 0.0
     x[1] = float("-inf")
     x[1, 700] = 3.0
     x[2, :400] = float("-inf")
-    m, s, t = E.logits_entropy_partials_triton(x.to(DEV), block_r=4, block_v=128, lane=lane)
+    x[5] = torch.linspace(-20, 20, 777)  # a new max in every tile
+    m, s, t = E.logits_entropy_partials_triton(
+        x.to(DEV), block_r=4, block_v=128, lane=lane, lazy=lazy, stages=stages
+    )
     out, _ = E.finalize_partials(m, s, t)
     out = out.cpu()
     assert abs(float(out[0]) - math.log(777)) < 1e-5 and float(out[1]) == 0.0
     assert rel(out, logits_entropy_ref(x)) < 1e-6
+
+
+@pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_logits_lazy_low_precision(dtype):
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(9, 2500, generator=g) * 4).to(dtype)
+    m, s, t = E.logits_entropy_partials_triton(x.to(DEV), block_r=2, block_v=256, lazy=True)
+    out, _ = E.finalize_partials(m, s, t)
+    assert rel(out, logits_entropy_ref(x)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

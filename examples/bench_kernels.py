@@ -274,21 +274,19 @@ LINEAR_VARIANTS = {  # name -> keyword arguments of linear_entropy_partials_trit
 
 LOGITS_VARIANTS = {  # name -> keyword arguments of logits_entropy_partials_triton
     "r1 v2048 w4 lane": dict(block_r=1, block_v=2048, lane=True, num_warps=4),
-    "r1 v2048 w4 lazy": dict(block_r=1, block_v=2048, lazy=True, num_warps=4),
-    "r1 v2048 w4 lazy s2": dict(block_r=1, block_v=2048, lazy=True, stages=2, num_warps=4),
-    "r1 v2048 w4 lazy s3": dict(block_r=1, block_v=2048, lazy=True, stages=3, num_warps=4),
-    "r1 v4096 w8 lazy": dict(block_r=1, block_v=4096, lazy=True, num_warps=8),
-    "r1 v4096 w4 lazy": dict(block_r=1, block_v=4096, lazy=True, num_warps=4),
-    "r1 v1024 w2 lazy": dict(block_r=1, block_v=1024, lazy=True, num_warps=2),
     "r1 v1024 w1 lazy": dict(block_r=1, block_v=1024, lazy=True, num_warps=1),
-    "r1 v2048 w2 lazy s2": dict(block_r=1, block_v=2048, lazy=True, stages=2, num_warps=2),
-    "r2 v2048 w8 lazy": dict(block_r=2, block_v=2048, lazy=True, num_warps=8),
-    "r4 v1024 w4 lazy": dict(block_r=4, block_v=1024, lazy=True, num_warps=4),
-    "r1 v4096 w8 rows": dict(block_r=1, block_v=4096, num_warps=8),
-    "probe r1 v2048 w4 (sum only)": dict(block_r=1, block_v=2048, lane=True, num_warps=4, probe=1),
-    "probe r1 v2048 w4 s3 (sum only)": dict(
-        block_r=1, block_v=2048, lane=True, num_warps=4, stages=3, probe=1
+    "r1 v1024 w2 lazy": dict(block_r=1, block_v=1024, lazy=True, num_warps=2),
+    "r1 v1024 w1 lazy tail": dict(block_r=1, block_v=1024, lazy=True, tail=True, num_warps=1),
+    "r1 v1024 w2 lazy tail": dict(block_r=1, block_v=1024, lazy=True, tail=True, num_warps=2),
+    "r1 v2048 w2 lazy tail": dict(block_r=1, block_v=2048, lazy=True, tail=True, num_warps=2),
+    "r1 v2048 w4 lazy tail": dict(block_r=1, block_v=2048, lazy=True, tail=True, num_warps=4),
+    "r1 v512 w1 lazy tail": dict(block_r=1, block_v=512, lazy=True, tail=True, num_warps=1),
+    "r2 v1024 w2 lazy tail": dict(block_r=2, block_v=1024, lazy=True, tail=True, num_warps=2),
+    "r1 v1024 w1 tail": dict(block_r=1, block_v=1024, tail=True, num_warps=1),
+    "r1 v1024 w1 lazy tail s2": dict(
+        block_r=1, block_v=1024, lazy=True, tail=True, stages=2, num_warps=1
     ),
+    "probe r1 v2048 w4 (sum only)": dict(block_r=1, block_v=2048, lane=True, num_warps=4, probe=1),
 }
 
 
@@ -480,11 +478,15 @@ def main() -> None:
                         mem = ok["chunked"]["peak_extra_mb"] / ok["materialised"]["peak_extra_mb"]
                         print(f"{'':>20} memory chunked/materialised = {mem:.3f}")
                     if "triton" in ok and "matmul" in ok:
+                        speedup = (
+                            f", speed-up over chunked = "
+                            f"{ok['chunked']['seconds'] / ok['triton']['seconds']:.2f}x"
+                            if "chunked" in ok
+                            else ""
+                        )
                         print(
                             f"{'':>20} triton/cuBLAS TFLOP/s = "
-                            f"{ok['triton']['tflops'] / ok['matmul']['tflops']:.3f}, "
-                            f"speed-up over chunked = "
-                            f"{ok['chunked']['seconds'] / ok['triton']['seconds']:.2f}x"
+                            f"{ok['triton']['tflops'] / ok['matmul']['tflops']:.3f}{speedup}"
                         )
                     if "triton" in ok and "copy" in ok:
                         print(

@@ -33,10 +33,12 @@ fi
 B="python3 $REPO/examples/bench_kernels.py --device cuda --dtype bfloat16"
 if [ "${SWEEP:-1}" = 1 ]; then
     echo "== (2) variant sweep"
+    case "${SWEEP_KERNELS:-linear logits}" in *linear*)
     timeout "${SWEEP1_TIMEOUT:-170}" $B --sweep --kernels linear --n 32768 8192 --d 4096 \
-        --vocab 151936 2>&1 | tee "$OUT/sweep_linear.log"
+        --vocab 151936 2>&1 | tee "$OUT/sweep_linear.log";; esac
+    case "${SWEEP_KERNELS:-linear logits}" in *logits*)
     timeout "${SWEEP2_TIMEOUT:-70}" $B --sweep --kernels logits --n 32768 8192 \
-        --vocab 151936 2>&1 | tee "$OUT/sweep_logits.log"
+        --vocab 151936 2>&1 | tee "$OUT/sweep_logits.log";; esac
 fi
 echo "== (3) autotuned launches, the issue's grid"
 timeout "${GRID_TIMEOUT:-150}" $B --methods triton matmul copy --n 2048 8192 32768 \

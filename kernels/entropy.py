@@ -184,6 +184,37 @@ def _interpreting() -> bool:
 if HAS_TRITON:
 
     @triton.jit
+    def _fold_lane(x, m_i, s_v, t_v, LAZY: tl.constexpr):
+        """Fold a float32 tile ``x [BLOCK_R, BLOCK_V]`` into per-lane sums ``s_v``, ``t_v``
+        (same shape) and the row max ``m_i [BLOCK_R]``."""
+        tmax = tl.max(x, 1)
+        if LAZY:
+            # rescale only in tiles that raise some row's max: after the first tiles of a
+            # row that is rare (tile k of iid logits holds a new max with probability 1/k)
+            if tl.sum((tmax > m_i).to(tl.int32), 0) > 0:
+                m_new = tl.maximum(m_i, tmax)
+                safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - safe))
+                s_v = s_v * alpha[:, None]
+                t_v = t_v * alpha[:, None]
+                m_i = m_new
+            safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+            p = tl.exp(x - safe[:, None])
+            s_v += p
+            # -inf logits have p = 0; clamping them to -FLT_MAX keeps p · x at 0 (not NaN)
+            # with one max instead of a compare and a select
+            t_v += p * tl.maximum(x, -3.4e38)
+        else:
+            m_new = tl.maximum(m_i, tmax)
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - safe))
+            p = tl.exp(x - safe[:, None])
+            s_v = s_v * alpha[:, None] + p
+            t_v = t_v * alpha[:, None] + p * tl.maximum(x, -3.4e38)
+            m_i = m_new
+        return m_i, s_v, t_v
+
+    @triton.jit
     def _logits_entropy_kernel(
         X,
         OUT_M,
@@ -198,16 +229,18 @@ if HAS_TRITON:
         LAZY: tl.constexpr,
         STAGES: tl.constexpr,
         PROBE: tl.constexpr,
+        TAIL: tl.constexpr,
     ):
         """Rows [pid*BLOCK_R, +BLOCK_R) of logits [n, v]: one streaming pass over v.
 
         ``LANE``: sums stay per lane ([BLOCK_R, BLOCK_V]) and reduce once at the end, one
         cross-warp reduction (the max) per tile instead of three. ``LAZY`` (with ``LANE``):
-        the per-lane sums are rescaled only in tiles that raise some row's max, which after
-        the first tiles of a row is rare (tile k of iid logits holds a new max with
-        probability 1/k), saving two multiplies per element. ``STAGES`` > 1 software-pipelines
-        the loads. ``PROBE`` = 1 is a bandwidth probe for benchmarks only (sums x, no exp; its
-        partials are not an entropy).
+        the per-lane sums are rescaled only in tiles that raise some row's max. ``TAIL`` (with
+        ``LANE``): whole tiles load without a mask (rows past n clamped to row n-1, discarded
+        by the store) and only the last, ragged tile is masked — the kernel is issue-bound on
+        an H200 (a sum-only pass reads at copy speed), so a compare and a select per element
+        matter. ``STAGES`` > 1 software-pipelines the loads. ``PROBE`` = 1 is a bandwidth
+        probe for benchmarks only (sums x, no exp; its partials are not an entropy).
         """
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < n
@@ -225,31 +258,19 @@ if HAS_TRITON:
         elif LANE:
             s_v = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
             t_v = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
-            for vs in tl.range(0, v, BLOCK_V, num_stages=STAGES):
+            v_main = 0
+            if TAIL:
+                v_main = (v // BLOCK_V) * BLOCK_V
+                base_ld = X + tl.minimum(rows, n - 1).to(tl.int64)[:, None] * stride_x
+                for vs in tl.range(0, v_main, BLOCK_V, num_stages=STAGES):
+                    cols = vs + tl.arange(0, BLOCK_V)
+                    x = tl.load(base_ld + cols[None, :]).to(tl.float32)
+                    m_i, s_v, t_v = _fold_lane(x, m_i, s_v, t_v, LAZY)
+            for vs in tl.range(v_main, v, BLOCK_V, num_stages=STAGES):
                 cols = vs + tl.arange(0, BLOCK_V)
                 mask = rmask[:, None] & (cols < v)[None, :]
                 x = tl.load(base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-                tmax = tl.max(x, 1)
-                if LAZY:
-                    if tl.sum((tmax > m_i).to(tl.int32), 0) > 0:
-                        m_new = tl.maximum(m_i, tmax)
-                        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                        alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - safe))
-                        s_v = s_v * alpha[:, None]
-                        t_v = t_v * alpha[:, None]
-                        m_i = m_new
-                    safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-                    p = tl.exp(x - safe[:, None])
-                    s_v += p
-                    t_v += p * tl.where(p > 0, x, 0.0)
-                else:
-                    m_new = tl.maximum(m_i, tmax)
-                    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - safe))
-                    p = tl.exp(x - safe[:, None])
-                    s_v = s_v * alpha[:, None] + p
-                    t_v = t_v * alpha[:, None] + p * tl.where(p > 0, x, 0.0)
-                    m_i = m_new
+                m_i, s_v, t_v = _fold_lane(x, m_i, s_v, t_v, LAZY)
             s_i = tl.sum(s_v, 1)
             t_i = tl.sum(t_v, 1)
         else:
@@ -406,23 +427,21 @@ if HAS_TRITON:
     # fit Hopper's 227 KB; configs that do not fit are skipped by the autotuner.
     _LINEAR_CONFIGS = [
         triton.Config(
-            {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g, "TMA": tma, "FLATTEN": fl},
-            num_warps=w,
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": g, "TMA": tma, "FLATTEN": fl},
+            num_warps=8,
             num_stages=st,
         )
-        for tma, fl, bn, bk, st, g, w in [
-            (False, False, 256, 64, 3, 8, 8),  # best at n = 8K and 32K, d = 4096 (2026-11-27)
-            (False, False, 256, 64, 4, 8, 8),
-            (False, False, 256, 64, 3, 16, 8),
-            (False, True, 256, 64, 3, 8, 8),
-            (True, False, 256, 64, 3, 8, 8),
-            (True, False, 256, 64, 4, 8, 8),
-            (True, True, 256, 64, 3, 8, 8),
-            (True, True, 256, 64, 4, 8, 8),
-            (True, True, 256, 64, 4, 16, 8),
-            (True, True, 256, 64, 4, 32, 8),
-            (True, False, 256, 128, 2, 8, 8),
-            (True, True, 128, 64, 4, 8, 4),
+        # H200 sweep, 2026-11-27 (n = 32K / 8K, d = 4096, v = 151,936; fraction of cuBLAS):
+        for tma, fl, bm, bn, st, g in [
+            (False, False, 128, 256, 3, 8),  # 0.855 / 0.885: the pointer path (unaligned rows)
+            (True, False, 128, 256, 3, 8),  # 0.944 / 0.948
+            (True, False, 128, 256, 4, 8),  # 0.929 / 0.952
+            (True, True, 128, 256, 3, 8),  # 0.953 / 0.927
+            (True, True, 128, 256, 4, 8),  # 0.943 / 0.938
+            (True, True, 128, 256, 4, 16),  # 0.954 / 1.009
+            (True, False, 256, 128, 3, 8),  # 0.948 / 0.949
+            (True, True, 256, 128, 4, 8),  # 0.967 / 0.986
+            (True, True, 256, 128, 4, 16),
         ]
     ]
     _linear_entropy_tuned = triton.autotune(
@@ -432,22 +451,27 @@ if HAS_TRITON:
     )(triton.heuristics({"EVEN_K": _even_k})(_linear_entropy_kernel))
     _LOGITS_CONFIGS = [
         triton.Config(
-            {"BLOCK_R": r, "BLOCK_V": bv, "LANE": lane, "LAZY": lazy, "STAGES": st, "PROBE": 0},
+            {
+                "BLOCK_R": r,
+                "BLOCK_V": bv,
+                "LANE": True,
+                "LAZY": lazy,
+                "STAGES": 1,
+                "PROBE": 0,
+                "TAIL": tail,
+            },
             num_warps=w,
         )
-        for r, bv, w, lane, lazy, st in [
-            (1, 2048, 4, True, False, 1),  # best at n = 8K and 32K, v = 151,936 (2026-11-27)
-            (1, 2048, 4, True, True, 1),
-            (1, 2048, 4, True, True, 2),
-            (1, 2048, 4, True, True, 3),
-            (1, 4096, 8, True, True, 1),
-            (1, 4096, 4, True, True, 1),
-            (1, 1024, 2, True, True, 1),
-            (1, 1024, 1, True, True, 1),
-            (1, 2048, 2, True, True, 2),
-            (2, 2048, 8, True, True, 1),
-            (4, 1024, 4, True, True, 1),
-            (1, 4096, 8, False, False, 1),
+        for r, bv, w, lazy, tail in [
+            (1, 1024, 1, True, False),  # 0.75 of copy at n = 32K, v = 151,936 (2026-11-27)
+            (1, 1024, 2, True, False),
+            (1, 1024, 1, True, True),
+            (1, 1024, 2, True, True),
+            (1, 2048, 2, True, True),
+            (1, 2048, 4, True, True),
+            (1, 512, 1, True, True),
+            (2, 1024, 2, True, True),
+            (1, 1024, 1, False, True),
         ]
     ]
     _logits_entropy_tuned = triton.autotune(_LOGITS_CONFIGS, key=["v"])(_logits_entropy_kernel)
@@ -510,6 +534,7 @@ def logits_entropy_partials_triton(
     stages: int = 1,
     num_warps: int | None = None,
     probe: int = 0,
+    tail: bool = False,
 ):
     """Partials (m, s, t) float32 [n] of ``logits [n, v]`` (rows contiguous) in one pass.
 
@@ -536,8 +561,9 @@ def logits_entropy_partials_triton(
         logits.stride(0),
         BLOCK_R=block_r,
         BLOCK_V=block_v,
-        LANE=lane or lazy,
+        LANE=lane or lazy or tail,
         LAZY=lazy,
+        TAIL=tail,
         STAGES=stages,
         PROBE=probe,
         num_warps=num_warps or 4,
@@ -628,9 +654,11 @@ def linear_entropy_partials_triton(
     v_per_split = triton.cdiv(triton.cdiv(v, S), quantum) * quantum
     S = triton.cdiv(v, v_per_split)
     pm, ps, pt = (_alloc((S, n), hidden.device) for _ in range(3))
-    # autotune key beside (d, v): inputs of up to 8 row blocks vs larger (not n itself:
-    # screening sees a new n in nearly every call, and each new key re-benchmarks every config)
-    size_class = int(triton.cdiv(n, block_m) > 8)
+    # autotune key beside (d, v): a size class, not n itself (screening sees a new n in
+    # nearly every call, and each new key re-benchmarks every config)
+    # (up to 8 row blocks, up to 64, more: 32K rows tune apart from 2K-8K ones)
+    rb = triton.cdiv(n, 128)
+    size_class = 0 if rb <= 8 else (1 if rb <= 64 else 2)
     args = (hidden, weight, pm, ps, pt, n, v, d, hidden.stride(0), weight.stride(0))
     args = args + (v_per_split, S, size_class)
     grid = (triton.cdiv(n, block_m) * S,)
@@ -638,8 +666,9 @@ def linear_entropy_partials_triton(
         IEEE=hidden.dtype == torch.float32,
         DOT_F32=_interpreting() and hidden.dtype == torch.bfloat16,
     )
-    if tuned:
-        _linear_entropy_tuned[grid](*args, BLOCK_M=block_m, **consts)
+    if tuned:  # BLOCK_M comes from the config; the splits were sized for 128-row blocks
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * S,)  # noqa: E731
+        _linear_entropy_tuned[grid](*args, **consts)
     else:
         opts = {"num_stages": num_stages} if num_stages else {}
         _linear_entropy_kernel[grid](

@@ -159,12 +159,21 @@ def test_logits_entropy_matches_float64(dtype, backend):
 
 @pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
-    "lane,lazy,stages", [(False, False, 1), (True, False, 1), (True, True, 1), (True, True, 3)]
+    "lane,lazy,stages,tail",
+    [
+        (False, False, 1, False),
+        (True, False, 1, False),
+        (True, True, 1, False),
+        (True, True, 3, False),
+        (True, True, 1, True),
+        (True, False, 2, True),
+    ],
 )
-def test_triton_logits_variants_exact_cases(lane, lazy, stages):
+def test_triton_logits_variants_exact_cases(lane, lazy, stages, tail):
     """Every loop structure of the logits kernel (per-row sums, per-lane sums, per-lane with
-    lazy rescaling, pipelined loads), with -inf rows, a one-hot row, a uniform row, a row
-    whose max rises late (forces the lazy rescale) and a ragged last tile."""
+    lazy rescaling, pipelined loads, unmasked whole tiles + a masked tail), with -inf rows, a
+    one-hot row, a uniform row, a row whose max rises late (forces the lazy rescale), a ragged
+    last tile and rows past n in the last block (7 rows, BLOCK_R = 4)."""
     x = torch.randn(7, 777)
     x[0] = 0.0
     x[1] = float("-inf")
@@ -172,7 +181,7 @@ def test_triton_logits_variants_exact_cases(lane, lazy, stages):
     x[2, :400] = float("-inf")
     x[5] = torch.linspace(-20, 20, 777)  # a new max in every tile
     m, s, t = E.logits_entropy_partials_triton(
-        x.to(DEV), block_r=4, block_v=128, lane=lane, lazy=lazy, stages=stages
+        x.to(DEV), block_r=4, block_v=128, lane=lane, lazy=lazy, stages=stages, tail=tail
     )
     out, _ = E.finalize_partials(m, s, t)
     out = out.cpu()
@@ -185,7 +194,9 @@ def test_triton_logits_variants_exact_cases(lane, lazy, stages):
 def test_triton_logits_lazy_low_precision(dtype):
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(9, 2500, generator=g) * 4).to(dtype)
-    m, s, t = E.logits_entropy_partials_triton(x.to(DEV), block_r=2, block_v=256, lazy=True)
+    m, s, t = E.logits_entropy_partials_triton(
+        x.to(DEV), block_r=2, block_v=256, lazy=True, tail=True
+    )
     out, _ = E.finalize_partials(m, s, t)
     assert rel(out, logits_entropy_ref(x)) < TOL[dtype]
 

@@ -273,18 +273,23 @@ LINEAR_VARIANTS = {  # name -> keyword arguments of linear_entropy_partials_trit
 }
 
 LOGITS_VARIANTS = {  # name -> keyword arguments of logits_entropy_partials_triton
-    "r1 v2048 w4 lane": dict(block_r=1, block_v=2048, lane=True, num_warps=4),
-    "r1 v1024 w1 lazy": dict(block_r=1, block_v=1024, lazy=True, num_warps=1),
-    "r1 v1024 w2 lazy": dict(block_r=1, block_v=1024, lazy=True, num_warps=2),
+    "r1 v1024 w1 lazy tail nosplit": dict(
+        block_r=1, block_v=1024, lazy=True, tail=True, num_warps=1, splits=1
+    ),
     "r1 v1024 w1 lazy tail": dict(block_r=1, block_v=1024, lazy=True, tail=True, num_warps=1),
     "r1 v1024 w2 lazy tail": dict(block_r=1, block_v=1024, lazy=True, tail=True, num_warps=2),
-    "r1 v2048 w2 lazy tail": dict(block_r=1, block_v=2048, lazy=True, tail=True, num_warps=2),
-    "r1 v2048 w4 lazy tail": dict(block_r=1, block_v=2048, lazy=True, tail=True, num_warps=4),
-    "r1 v512 w1 lazy tail": dict(block_r=1, block_v=512, lazy=True, tail=True, num_warps=1),
-    "r2 v1024 w2 lazy tail": dict(block_r=2, block_v=1024, lazy=True, tail=True, num_warps=2),
-    "r1 v1024 w1 tail": dict(block_r=1, block_v=1024, tail=True, num_warps=1),
     "r1 v1024 w1 lazy tail s2": dict(
         block_r=1, block_v=1024, lazy=True, tail=True, stages=2, num_warps=1
+    ),
+    "r1 v1024 w2 lazy tail s2": dict(
+        block_r=1, block_v=1024, lazy=True, tail=True, stages=2, num_warps=2
+    ),
+    "r1 v512 w1 lazy tail": dict(block_r=1, block_v=512, lazy=True, tail=True, num_warps=1),
+    "r1 v512 w1 lazy tail s2": dict(
+        block_r=1, block_v=512, lazy=True, tail=True, stages=2, num_warps=1
+    ),
+    "r1 v2048 w4 lazy tail s2": dict(
+        block_r=1, block_v=2048, lazy=True, tail=True, stages=2, num_warps=4
     ),
     "probe r1 v2048 w4 (sum only)": dict(block_r=1, block_v=2048, lane=True, num_warps=4, probe=1),
 }

@@ -37,7 +37,7 @@ if [ "${SWEEP:-1}" = 1 ]; then
     timeout "${SWEEP1_TIMEOUT:-170}" $B --sweep --kernels linear --n 32768 8192 --d 4096 \
         --vocab 151936 2>&1 | tee "$OUT/sweep_linear.log";; esac
     case "${SWEEP_KERNELS:-linear logits}" in *logits*)
-    timeout "${SWEEP2_TIMEOUT:-70}" $B --sweep --kernels logits --n 32768 8192 \
+    timeout "${SWEEP2_TIMEOUT:-70}" $B --sweep --kernels logits --n ${SWEEP_LOGITS_N:-32768 8192} \
         --vocab 151936 2>&1 | tee "$OUT/sweep_logits.log";; esac
 fi
 echo "== (3) autotuned launches, the issue's grid"

@@ -223,6 +223,8 @@ if HAS_TRITON:
         n,
         v,
         stride_x,
+        v_per_split,
+        n_splits,
         BLOCK_R: tl.constexpr,
         BLOCK_V: tl.constexpr,
         LANE: tl.constexpr,
@@ -241,8 +243,16 @@ if HAS_TRITON:
         an H200 (a sum-only pass reads at copy speed), so a compare and a select per element
         matter. ``STAGES`` > 1 software-pipelines the loads. ``PROBE`` = 1 is a bandwidth
         probe for benchmarks only (sums x, no exp; its partials are not an entropy).
+
+        The vocabulary is cut into ``n_splits`` ranges of ``v_per_split`` (grid axis 1), each
+        writing its partials to row ``pid_s`` of ``OUT_* [n_splits, n]``: with few rows a
+        program streaming a whole 152K-entry row alone is latency-bound (2K rows × 1 program
+        is one wave of 148 dependent tile loads each).
         """
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        pid_s = tl.program_id(1)
+        v0 = pid_s * v_per_split
+        v1 = tl.minimum(v0 + v_per_split, v)
         rmask = rows < n
         base = X + rows.to(tl.int64)[:, None] * stride_x
         m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -250,33 +260,33 @@ if HAS_TRITON:
         t_i = tl.zeros([BLOCK_R], tl.float32)
         if PROBE == 1:
             s_v = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
-            for vs in tl.range(0, v, BLOCK_V, num_stages=STAGES):
+            for vs in tl.range(v0, v1, BLOCK_V, num_stages=STAGES):
                 cols = vs + tl.arange(0, BLOCK_V)
-                mask = rmask[:, None] & (cols < v)[None, :]
+                mask = rmask[:, None] & (cols < v1)[None, :]
                 s_v += tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             s_i = tl.sum(s_v, 1)
         elif LANE:
             s_v = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
             t_v = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
-            v_main = 0
+            v_main = v0
             if TAIL:
-                v_main = (v // BLOCK_V) * BLOCK_V
+                v_main = v0 + ((v1 - v0) // BLOCK_V) * BLOCK_V
                 base_ld = X + tl.minimum(rows, n - 1).to(tl.int64)[:, None] * stride_x
-                for vs in tl.range(0, v_main, BLOCK_V, num_stages=STAGES):
+                for vs in tl.range(v0, v_main, BLOCK_V, num_stages=STAGES):
                     cols = vs + tl.arange(0, BLOCK_V)
                     x = tl.load(base_ld + cols[None, :]).to(tl.float32)
                     m_i, s_v, t_v = _fold_lane(x, m_i, s_v, t_v, LAZY)
-            for vs in tl.range(v_main, v, BLOCK_V, num_stages=STAGES):
+            for vs in tl.range(v_main, v1, BLOCK_V, num_stages=STAGES):
                 cols = vs + tl.arange(0, BLOCK_V)
-                mask = rmask[:, None] & (cols < v)[None, :]
+                mask = rmask[:, None] & (cols < v1)[None, :]
                 x = tl.load(base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
                 m_i, s_v, t_v = _fold_lane(x, m_i, s_v, t_v, LAZY)
             s_i = tl.sum(s_v, 1)
             t_i = tl.sum(t_v, 1)
         else:
-            for vs in tl.range(0, v, BLOCK_V, num_stages=STAGES):
+            for vs in tl.range(v0, v1, BLOCK_V, num_stages=STAGES):
                 cols = vs + tl.arange(0, BLOCK_V)
-                mask = rmask[:, None] & (cols < v)[None, :]
+                mask = rmask[:, None] & (cols < v1)[None, :]
                 x = tl.load(base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
                 m_new = tl.maximum(m_i, tl.max(x, 1))
                 # -inf logits (masked vocab) contribute nothing; a row that is -inf so far
@@ -288,9 +298,32 @@ if HAS_TRITON:
                 s_i = s_i * alpha + tl.sum(p, 1)
                 t_i = t_i * alpha + tl.sum(p * xs, 1)
                 m_i = m_new
-        tl.store(OUT_M + rows, m_i, mask=rmask)
-        tl.store(OUT_S + rows, s_i, mask=rmask)
-        tl.store(OUT_T + rows, t_i, mask=rmask)
+        off = pid_s * n + rows
+        tl.store(OUT_M + off, m_i, mask=rmask)
+        tl.store(OUT_S + off, s_i, mask=rmask)
+        tl.store(OUT_T + off, t_i, mask=rmask)
+
+    @triton.jit
+    def _merge_splits_kernel(PM, PS, PT, OUT_M, OUT_S, OUT_T, n, n_splits, BLOCK: tl.constexpr):
+        """Merge the partials ``P* [n_splits, n]`` of disjoint vocabulary ranges into
+        ``OUT_* [n]`` (the local form of :func:`combine_partials`), one launch: the PyTorch
+        form is six, ~25 µs, a tenth of the logits kernel at n = 2K."""
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        rmask = rows < n
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        for sp in range(0, n_splits):
+            m = tl.maximum(m, tl.load(PM + sp * n + rows, mask=rmask, other=float("-inf")))
+        safe = tl.where(m == float("-inf"), 0.0, m)
+        s = tl.zeros([BLOCK], tl.float32)
+        t = tl.zeros([BLOCK], tl.float32)
+        for sp in range(0, n_splits):
+            pm = tl.load(PM + sp * n + rows, mask=rmask, other=float("-inf"))
+            c = tl.where(pm == float("-inf"), 0.0, tl.exp(pm - safe))
+            s += tl.load(PS + sp * n + rows, mask=rmask, other=0.0) * c
+            t += tl.load(PT + sp * n + rows, mask=rmask, other=0.0) * c
+        tl.store(OUT_M + rows, m, mask=rmask)
+        tl.store(OUT_S + rows, s, mask=rmask)
+        tl.store(OUT_T + rows, t, mask=rmask)
 
     @triton.jit
     def _fold_tile(acc, cmask, m_i, s_i, t_i):
@@ -456,25 +489,27 @@ if HAS_TRITON:
                 "BLOCK_V": bv,
                 "LANE": True,
                 "LAZY": lazy,
-                "STAGES": 1,
+                "STAGES": st,
                 "PROBE": 0,
                 "TAIL": tail,
             },
             num_warps=w,
         )
-        for r, bv, w, lazy, tail in [
-            (1, 1024, 1, True, False),  # 0.75 of copy at n = 32K, v = 151,936 (2026-11-27)
-            (1, 1024, 2, True, False),
-            (1, 1024, 1, True, True),
-            (1, 1024, 2, True, True),
-            (1, 2048, 2, True, True),
-            (1, 2048, 4, True, True),
-            (1, 512, 1, True, True),
-            (2, 1024, 2, True, True),
-            (1, 1024, 1, False, True),
+        # H200, 2026-11-27, n = 32K / 8K, v = 151,936, no splits (fraction of copy bandwidth)
+        for r, bv, w, lazy, tail, st in [
+            (1, 1024, 1, True, True, 1),  # 0.850 / 0.801
+            (1, 1024, 2, True, True, 1),  # 0.856 / 0.795
+            (1, 1024, 1, True, True, 2),  # 0.871 / 0.809
+            (1, 1024, 2, True, True, 2),
+            (1, 512, 1, True, True, 1),  # 0.895 / 0.755
+            (1, 512, 1, True, True, 2),
+            (1, 2048, 4, True, True, 1),  # 0.819 / 0.751
+            (1, 2048, 4, True, True, 2),
         ]
     ]
-    _logits_entropy_tuned = triton.autotune(_LOGITS_CONFIGS, key=["v"])(_logits_entropy_kernel)
+    _logits_entropy_tuned = triton.autotune(_LOGITS_CONFIGS, key=["v", "n_splits"])(
+        _logits_entropy_kernel
+    )
 
 
 def _tma_ok(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -525,6 +560,23 @@ def _alloc(shape, device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
+def _merge_splits(pm: torch.Tensor, ps: torch.Tensor, pt: torch.Tensor):
+    """(m, s, t) [n] from per-split partials [S, n] (one Triton launch; S = 1 is a view)."""
+    S, n = pm.shape
+    if S == 1:
+        return pm[0], ps[0], pt[0]
+    m, s, t = (_alloc((n,), pm.device) for _ in range(3))
+    block = 1024 if pm.is_cuda else 64
+    _merge_splits_kernel[(triton.cdiv(n, block),)](pm, ps, pt, m, s, t, n, S, BLOCK=block)
+    return m, s, t
+
+
+LOGITS_SPLIT_ROWS = 16384
+"""The logits kernel splits the vocabulary into ceil(16384 / n) ranges (at most 16): 16K
+independent row-ranges keep an H200's 132 SMs streaming (measured 2026-11-27: at n = 2K
+without splits every config read at most 0.71 of copy bandwidth)."""
+
+
 def logits_entropy_partials_triton(
     logits: torch.Tensor,
     block_r: int | None = None,
@@ -535,30 +587,35 @@ def logits_entropy_partials_triton(
     num_warps: int | None = None,
     probe: int = 0,
     tail: bool = False,
+    splits: int | None = None,
 ):
     """Partials (m, s, t) float32 [n] of ``logits [n, v]`` (rows contiguous) in one pass.
 
-    On CUDA without explicit block sizes the launch is autotuned per vocabulary size; the
-    keyword arguments pick one variant of the kernel (tests, the benchmark's sweep)."""
+    On CUDA without explicit block sizes the launch is autotuned per (vocabulary size, split
+    count); the keyword arguments pick one variant of the kernel (tests, the benchmark's
+    sweep). ``splits`` vocabulary ranges run as separate programs (default: by n, see
+    ``LOGITS_SPLIT_ROWS``; 1 on CPU) and merge in one more launch."""
     _require_triton(logits)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     n, v = logits.shape
-    m, s, t = (_alloc((n,), logits.device) for _ in range(3))
-    if logits.is_cuda and block_r is None and block_v is None and _autotune():
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_R"]),)  # noqa: E731
-        _logits_entropy_tuned[grid](logits, m, s, t, n, v, logits.stride(0))
-        return m, s, t
+    if splits is None:
+        splits = min(16, triton.cdiv(LOGITS_SPLIT_ROWS, n)) if logits.is_cuda else 1
+    tuned = logits.is_cuda and block_r is None and block_v is None and _autotune()
+    # whole tiles per split (2048: the largest BLOCK_V of the configs), so only the last
+    # split has a ragged tile
+    quantum = 2048 if tuned else (block_v or 2048)
+    v_per_split = triton.cdiv(triton.cdiv(v, splits), quantum) * quantum
+    S = triton.cdiv(v, v_per_split)
+    pm, ps, pt = (_alloc((S, n), logits.device) for _ in range(3))
+    args = (logits, pm, ps, pt, n, v, logits.stride(0), v_per_split, S)
+    if tuned:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_R"]), S)  # noqa: E731
+        _logits_entropy_tuned[grid](*args)
+        return _merge_splits(pm, ps, pt)
     block_r, block_v = block_r or 4, block_v or 2048
-    grid = (triton.cdiv(n, block_r),)
-    _logits_entropy_kernel[grid](
-        logits,
-        m,
-        s,
-        t,
-        n,
-        v,
-        logits.stride(0),
+    _logits_entropy_kernel[(triton.cdiv(n, block_r), S)](
+        *args,
         BLOCK_R=block_r,
         BLOCK_V=block_v,
         LANE=lane or lazy or tail,
@@ -568,13 +625,7 @@ def logits_entropy_partials_triton(
         PROBE=probe,
         num_warps=num_warps or 4,
     )
-    return m, s, t
-    block_r, block_v = block_r or 4, block_v or 2048
-    grid = (triton.cdiv(n, block_r),)
-    _logits_entropy_kernel[grid](
-        logits, m, s, t, n, v, logits.stride(0), BLOCK_R=block_r, BLOCK_V=block_v, LANE=lane
-    )
-    return m, s, t
+    return _merge_splits(pm, ps, pt)
 
 
 SPLIT_QUANTUM = 256
@@ -684,11 +735,7 @@ def linear_entropy_partials_triton(
             **opts,
             **consts,
         )
-    if S == 1:
-        return pm[0], ps[0], pt[0]
-    m = pm.amax(0)
-    c = torch.exp(pm - m[None, :])
-    return m, (ps * c).sum(0), (pt * c).sum(0)
+    return _merge_splits(pm, ps, pt)
 
 
 BACKENDS = ("auto", "torch", "triton")

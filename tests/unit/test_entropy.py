@@ -159,21 +159,24 @@ def test_logits_entropy_matches_float64(dtype, backend):
 
 @pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
-    "lane,lazy,stages,tail",
+    "lane,lazy,stages,tail,splits",
     [
-        (False, False, 1, False),
-        (True, False, 1, False),
-        (True, True, 1, False),
-        (True, True, 3, False),
-        (True, True, 1, True),
-        (True, False, 2, True),
+        (False, False, 1, False, 1),
+        (True, False, 1, False, 1),
+        (True, True, 1, False, 1),
+        (True, True, 3, False, 1),
+        (True, True, 1, True, 1),
+        (True, False, 2, True, 1),
+        (False, False, 1, False, 3),
+        (True, True, 2, True, 4),
     ],
 )
-def test_triton_logits_variants_exact_cases(lane, lazy, stages, tail):
+def test_triton_logits_variants_exact_cases(lane, lazy, stages, tail, splits):
     """Every loop structure of the logits kernel (per-row sums, per-lane sums, per-lane with
-    lazy rescaling, pipelined loads, unmasked whole tiles + a masked tail), with -inf rows, a
-    one-hot row, a uniform row, a row whose max rises late (forces the lazy rescale), a ragged
-    last tile and rows past n in the last block (7 rows, BLOCK_R = 4)."""
+    lazy rescaling, pipelined loads, unmasked whole tiles + a masked tail), with the vocabulary
+    in one range or split over programs and merged, on -inf rows (one split sees only -inf in
+    row 1), a one-hot row, a uniform row, a row whose max rises late (forces the lazy
+    rescale), a ragged last tile and rows past n in the last block (7 rows, BLOCK_R = 4)."""
     x = torch.randn(7, 777)
     x[0] = 0.0
     x[1] = float("-inf")
@@ -181,7 +184,14 @@ def test_triton_logits_variants_exact_cases(lane, lazy, stages, tail):
     x[2, :400] = float("-inf")
     x[5] = torch.linspace(-20, 20, 777)  # a new max in every tile
     m, s, t = E.logits_entropy_partials_triton(
-        x.to(DEV), block_r=4, block_v=128, lane=lane, lazy=lazy, stages=stages, tail=tail
+        x.to(DEV),
+        block_r=4,
+        block_v=128,
+        lane=lane,
+        lazy=lazy,
+        stages=stages,
+        tail=tail,
+        splits=splits,
     )
     out, _ = E.finalize_partials(m, s, t)
     out = out.cpu()

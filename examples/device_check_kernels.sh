@@ -41,9 +41,12 @@ if [ "${SWEEP:-1}" = 1 ]; then
         --vocab 151936 2>&1 | tee "$OUT/sweep_logits.log";; esac
 fi
 echo "== (3) autotuned launches, the issue's grid"
-timeout "${GRID_TIMEOUT:-150}" $B --methods triton matmul copy --n 2048 8192 32768 \
+timeout "${GRID_TIMEOUT:-150}" $B --kernels ${GRID_KERNELS:-linear logits} \
+    --methods triton matmul copy --n 2048 8192 32768 \
     --d 2048 3584 4096 --vocab 151936 128256 2>&1 | tee "$OUT/bench_grid.log"
+if [ "${CHUNKED:-1}" = 1 ]; then
 echo "== (4) chunked PyTorch path at the headline shape"
 timeout "${CHUNKED_TIMEOUT:-40}" $B --kernels linear --methods chunked triton matmul \
     --n 32768 --d 4096 --vocab 151936 2>&1 | tee "$OUT/bench_chunked.log"
+fi
 cp "$REPO/benchmarks/results.jsonl" "$OUT/results.jsonl"

@@ -225,6 +225,7 @@ if HAS_TRITON:
         stride_x,
         v_per_split,
         n_splits,
+        size_class,
         BLOCK_R: tl.constexpr,
         BLOCK_V: tl.constexpr,
         LANE: tl.constexpr,
@@ -244,10 +245,9 @@ if HAS_TRITON:
         matter. ``STAGES`` > 1 software-pipelines the loads. ``PROBE`` = 1 is a bandwidth
         probe for benchmarks only (sums x, no exp; its partials are not an entropy).
 
-        The vocabulary is cut into ``n_splits`` ranges of ``v_per_split`` (grid axis 1), each
-        writing its partials to row ``pid_s`` of ``OUT_* [n_splits, n]``: with few rows a
-        program streaming a whole 152K-entry row alone is latency-bound (2K rows × 1 program
-        is one wave of 148 dependent tile loads each).
+        The vocabulary can be cut into ``n_splits`` ranges of ``v_per_split`` (grid axis 1),
+        each writing its partials to row ``pid_s`` of ``OUT_* [n_splits, n]``. ``size_class``
+        only keys the autotuner.
         """
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         pid_s = tl.program_id(1)
@@ -507,7 +507,7 @@ if HAS_TRITON:
             (1, 2048, 4, True, True, 2),
         ]
     ]
-    _logits_entropy_tuned = triton.autotune(_LOGITS_CONFIGS, key=["v", "n_splits"])(
+    _logits_entropy_tuned = triton.autotune(_LOGITS_CONFIGS, key=["v", "size_class"])(
         _logits_entropy_kernel
     )
 
@@ -571,12 +571,6 @@ def _merge_splits(pm: torch.Tensor, ps: torch.Tensor, pt: torch.Tensor):
     return m, s, t
 
 
-LOGITS_SPLIT_ROWS = 16384
-"""The logits kernel splits the vocabulary into ceil(16384 / n) ranges (at most 16): 16K
-independent row-ranges keep an H200's 132 SMs streaming (measured 2026-11-27: at n = 2K
-without splits every config read at most 0.71 of copy bandwidth)."""
-
-
 def logits_entropy_partials_triton(
     logits: torch.Tensor,
     block_r: int | None = None,
@@ -591,16 +585,16 @@ def logits_entropy_partials_triton(
 ):
     """Partials (m, s, t) float32 [n] of ``logits [n, v]`` (rows contiguous) in one pass.
 
-    On CUDA without explicit block sizes the launch is autotuned per (vocabulary size, split
-    count); the keyword arguments pick one variant of the kernel (tests, the benchmark's
-    sweep). ``splits`` vocabulary ranges run as separate programs (default: by n, see
-    ``LOGITS_SPLIT_ROWS``; 1 on CPU) and merge in one more launch."""
+    On CUDA without explicit block sizes the launch is autotuned per (vocabulary size, size
+    class of n); the keyword arguments pick one variant of the kernel (tests, the benchmark's
+    sweep). ``splits`` vocabulary ranges run as separate programs and merge in one more
+    launch (default 1: on an H200 splitting 2K rows 8 ways read 0.69 of copy bandwidth
+    against 0.72 unsplit, 2026-11-27)."""
     _require_triton(logits)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     n, v = logits.shape
-    if splits is None:
-        splits = min(16, triton.cdiv(LOGITS_SPLIT_ROWS, n)) if logits.is_cuda else 1
+    splits = splits or 1
     tuned = logits.is_cuda and block_r is None and block_v is None and _autotune()
     # whole tiles per split (2048: the largest BLOCK_V of the configs), so only the last
     # split has a ragged tile
@@ -608,7 +602,9 @@ def logits_entropy_partials_triton(
     v_per_split = triton.cdiv(triton.cdiv(v, splits), quantum) * quantum
     S = triton.cdiv(v, v_per_split)
     pm, ps, pt = (_alloc((S, n), logits.device) for _ in range(3))
-    args = (logits, pm, ps, pt, n, v, logits.stride(0), v_per_split, S)
+    # tuned apart: up to 4K rows, up to 16K, more (the best tile width differs, see configs)
+    size_class = 0 if n <= 4096 else (1 if n <= 16384 else 2)
+    args = (logits, pm, ps, pt, n, v, logits.stride(0), v_per_split, S, size_class)
     if tuned:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_R"]), S)  # noqa: E731
         _logits_entropy_tuned[grid](*args)

@@ -291,6 +291,18 @@ LOGITS_VARIANTS = {  # name -> keyword arguments of logits_entropy_partials_trit
     "r1 v2048 w4 lazy tail s2": dict(
         block_r=1, block_v=2048, lazy=True, tail=True, stages=2, num_warps=4
     ),
+    "r1 v1024 w1 lazy tail s2 fastexp": dict(
+        block_r=1, block_v=1024, tail=True, stages=2, num_warps=1, fast_exp=True
+    ),
+    "r1 v512 w1 lazy tail s2 fastexp": dict(
+        block_r=1, block_v=512, tail=True, stages=2, num_warps=1, fast_exp=True
+    ),
+    "r1 v1024 w2 lazy tail s2 fastexp": dict(
+        block_r=1, block_v=1024, tail=True, stages=2, num_warps=2, fast_exp=True
+    ),
+    "r1 v2048 w4 lazy tail s2 fastexp": dict(
+        block_r=1, block_v=2048, tail=True, stages=2, num_warps=4, fast_exp=True
+    ),
     "probe r1 v2048 w4 (sum only)": dict(block_r=1, block_v=2048, lane=True, num_warps=4, probe=1),
 }
 

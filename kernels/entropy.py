@@ -184,7 +184,18 @@ def _interpreting() -> bool:
 if HAS_TRITON:
 
     @triton.jit
-    def _fold_lane(x, m_i, s_v, t_v, LAZY: tl.constexpr):
+    def _ex2_ftz(x):
+        """2^x with one MUFU.EX2 (``ex2.approx.ftz.f32``). ``tl.exp`` lowers to the non-ftz
+        ``ex2.approx.f32``, which sm_90 SASS wraps in a range test and two predicated
+        multiplies (per element: FSETP + 2 FMUL + MUFU, counted with cuobjdump); flushing
+        results below 2^-126 to 0 changes nothing here (they are < 1e-38 of a sum ≥ 1).
+        CUDA only: the interpreter has no inline PTX."""
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+
+    @triton.jit
+    def _fold_lane(x, m_i, s_v, t_v, LAZY: tl.constexpr, FAST_EXP: tl.constexpr):
         """Fold a float32 tile ``x [BLOCK_R, BLOCK_V]`` into per-lane sums ``s_v``, ``t_v``
         (same shape) and the row max ``m_i [BLOCK_R]``."""
         tmax = tl.max(x, 1)
@@ -199,7 +210,10 @@ if HAS_TRITON:
                 t_v = t_v * alpha[:, None]
                 m_i = m_new
             safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-            p = tl.exp(x - safe[:, None])
+            if FAST_EXP:  # (x - m) · log2(e) is exactly 0 at the max: p = 1 there, exactly
+                p = _ex2_ftz((x - safe[:, None]) * 1.4426950408889634)
+            else:
+                p = tl.exp(x - safe[:, None])
             s_v += p
             # -inf logits have p = 0; clamping them to -FLT_MAX keeps p · x at 0 (not NaN)
             # with one max instead of a compare and a select
@@ -233,6 +247,7 @@ if HAS_TRITON:
         STAGES: tl.constexpr,
         PROBE: tl.constexpr,
         TAIL: tl.constexpr,
+        FAST_EXP: tl.constexpr = False,
     ):
         """Rows [pid*BLOCK_R, +BLOCK_R) of logits [n, v]: one streaming pass over v.
 
@@ -275,12 +290,12 @@ if HAS_TRITON:
                 for vs in tl.range(v0, v_main, BLOCK_V, num_stages=STAGES):
                     cols = vs + tl.arange(0, BLOCK_V)
                     x = tl.load(base_ld + cols[None, :]).to(tl.float32)
-                    m_i, s_v, t_v = _fold_lane(x, m_i, s_v, t_v, LAZY)
+                    m_i, s_v, t_v = _fold_lane(x, m_i, s_v, t_v, LAZY, FAST_EXP)
             for vs in tl.range(v_main, v1, BLOCK_V, num_stages=STAGES):
                 cols = vs + tl.arange(0, BLOCK_V)
                 mask = rmask[:, None] & (cols < v1)[None, :]
                 x = tl.load(base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-                m_i, s_v, t_v = _fold_lane(x, m_i, s_v, t_v, LAZY)
+                m_i, s_v, t_v = _fold_lane(x, m_i, s_v, t_v, LAZY, FAST_EXP)
             s_i = tl.sum(s_v, 1)
             t_i = tl.sum(t_v, 1)
         else:
@@ -582,6 +597,7 @@ def logits_entropy_partials_triton(
     probe: int = 0,
     tail: bool = False,
     splits: int | None = None,
+    fast_exp: bool = False,
 ):
     """Partials (m, s, t) float32 [n] of ``logits [n, v]`` (rows contiguous) in one pass.
 
@@ -589,8 +605,12 @@ def logits_entropy_partials_triton(
     class of n); the keyword arguments pick one variant of the kernel (tests, the benchmark's
     sweep). ``splits`` vocabulary ranges run as separate programs and merge in one more
     launch (default 1: on an H200 splitting 2K rows 8 ways read 0.69 of copy bandwidth
-    against 0.72 unsplit, 2026-11-27)."""
+    against 0.72 unsplit, 2026-11-27). ``fast_exp`` (CUDA only, implies ``lazy``): one
+    ``ex2.approx.ftz`` per element instead of ``tl.exp``'s range-tested form; not yet timed on
+    a GPU, so no autotune config uses it."""
     _require_triton(logits)
+    if fast_exp and not logits.is_cuda:
+        raise ValueError("fast_exp=True is inline PTX: CUDA only (the interpreter has none)")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     n, v = logits.shape
@@ -614,8 +634,9 @@ def logits_entropy_partials_triton(
         *args,
         BLOCK_R=block_r,
         BLOCK_V=block_v,
-        LANE=lane or lazy or tail,
-        LAZY=lazy,
+        LANE=lane or lazy or tail or fast_exp,
+        LAZY=lazy or fast_exp,
+        FAST_EXP=fast_exp,
         TAIL=tail,
         STAGES=stages,
         PROBE=probe,

@@ -40,3 +40,38 @@ def test_hf_backend_cuda_matches_cpu():
     a = root_entropies(cpu, roots, tok.bos_token_id, tok.eos_token_id, 4)
     b = root_entropies(gpu, roots, tok.bos_token_id, tok.eos_token_id, 4)
     assert torch.allclose(a[0][0], b[0][0], atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-3)])
+def test_logits_fast_exp_matches_float64(dtype, tol):
+    """The inline-PTX ``ex2.approx.ftz`` variant (CUDA only) on the exact cases (uniform row:
+    log v; one-hot row among -inf: exactly 0; a row whose max rises in every tile) and random
+    rows at the Qwen2.5 vocabulary, against the float64 reference."""
+    import math
+
+    import policylong.kernels.entropy as E
+    from policylong.kernels import logits_entropy_ref
+
+    g = torch.Generator().manual_seed(3)
+    v = 151_936
+    x = torch.randn(37, v, generator=g) * 3
+    x[0] = 0.0
+    x[1] = float("-inf")
+    x[1, 1234] = 3.0
+    x[2, : v // 3] = float("-inf")
+    x[3] = torch.linspace(-30, 30, v)
+    x = x.to(dtype)
+    for block_v, warps in [(1024, 1), (512, 1), (2048, 4)]:
+        m, s, t = E.logits_entropy_partials_triton(
+            x.cuda(),
+            block_r=1,
+            block_v=block_v,
+            tail=True,
+            stages=2,
+            num_warps=warps,
+            fast_exp=True,
+        )
+        out = E.finalize_partials(m, s, t)[0].cpu()
+        ref = logits_entropy_ref(x)
+        assert abs(float(out[0]) - math.log(v)) < 1e-5 and float(out[1]) == 0.0
+        assert float((out.double() - ref).norm() / ref.norm()) < tol

@@ -200,6 +200,14 @@ def test_triton_logits_variants_exact_cases(lane, lazy, stages, tail, splits):
 
 
 @pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
+def test_fast_exp_is_cuda_only():
+    if DEV == "cuda":
+        pytest.skip("checks the interpreter's error (tests/gpu runs the variant)")
+    with pytest.raises(ValueError, match="CUDA only"):
+        E.logits_entropy_partials_triton(torch.randn(3, 100), block_r=1, fast_exp=True)
+
+
+@pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_logits_lazy_low_precision(dtype):
     g = torch.Generator().manual_seed(5)

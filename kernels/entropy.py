@@ -535,21 +535,17 @@ def _tma_ok(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
 def _set_tma_allocator(device: torch.device) -> None:
     """Device-side tensor descriptors need a small global scratch (128 bytes per program),
-    which Triton takes from the allocator set here (once per process)."""
-    global _TMA_ALLOCATOR_SET
-    if _TMA_ALLOCATOR_SET or device.type != "cuda":
-        return
-
-    def alloc(size: int, alignment: int, stream):
-        return torch.empty(size, device=device, dtype=torch.int8)
-
-    triton.set_allocator(alloc)
-    _TMA_ALLOCATOR_SET = True
-
-
-_TMA_ALLOCATOR_SET = False
+    which Triton takes from its allocator: PyTorch's caching allocator here. Set on every
+    launch: Triton keeps it in a context variable, so a launch from another thread (a data
+    loader, a screening worker) would otherwise find none."""
+    if device.type == "cuda":
+        triton.set_allocator(_tma_scratch)
 
 
 def _autotune() -> bool:

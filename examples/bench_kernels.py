@@ -159,6 +159,19 @@ def measure(kind, method, n, d, v, dtype, device, reps):
     return q.get()
 
 
+def _cuda_inputs(kind, n, d, v, dt, device):
+    """(hidden, weight, None) for ``linear``, (None, None, logits) for ``logits``: seeded
+    random data made on the device (the timed and the swept runs see the same tensors)."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(0)
+    if kind == "linear":
+        h = (torch.randn(n, d, generator=g, device=device) * 0.05).to(dt)
+        w = (torch.randn(v, d, generator=g, device=device) * 0.05).to(dt)
+        return h, w, None
+    return None, None, (torch.randn(n, v, generator=g, device=device) * 2).to(dt)
+
+
 def measure_cuda_group(kind, methods, n, d, v, dtype, device):
     """All methods of one shape in this process (a fresh process per row costs ~10 s of CUDA
     start-up each on a lent GPU): median time of ``triton.testing.do_bench``, peak extra CUDA
@@ -168,13 +181,7 @@ def measure_cuda_group(kind, methods, n, d, v, dtype, device):
     import triton.testing
 
     dt = getattr(torch, dtype)
-    g = torch.Generator(device=device).manual_seed(0)
-    h = w = x = None
-    if kind == "linear":
-        h = (torch.randn(n, d, generator=g, device=device) * 0.05).to(dt)
-        w = (torch.randn(v, d, generator=g, device=device) * 0.05).to(dt)
-    else:
-        x = (torch.randn(n, v, generator=g, device=device) * 2).to(dt)
+    h, w, x = _cuda_inputs(kind, n, d, v, dt, device)
 
     def run(method):
         return _run(kind, method, h, w, x)
@@ -292,16 +299,16 @@ LOGITS_VARIANTS = {  # name -> keyword arguments of logits_entropy_partials_trit
         block_r=1, block_v=2048, lazy=True, tail=True, stages=2, num_warps=4
     ),
     "r1 v1024 w1 lazy tail s2 fastexp": dict(
-        block_r=1, block_v=1024, tail=True, stages=2, num_warps=1, fast_exp=True
+        block_r=1, block_v=1024, lazy=True, tail=True, stages=2, num_warps=1, fast_exp=True
     ),
     "r1 v512 w1 lazy tail s2 fastexp": dict(
-        block_r=1, block_v=512, tail=True, stages=2, num_warps=1, fast_exp=True
+        block_r=1, block_v=512, lazy=True, tail=True, stages=2, num_warps=1, fast_exp=True
     ),
     "r1 v1024 w2 lazy tail s2 fastexp": dict(
-        block_r=1, block_v=1024, tail=True, stages=2, num_warps=2, fast_exp=True
+        block_r=1, block_v=1024, lazy=True, tail=True, stages=2, num_warps=2, fast_exp=True
     ),
     "r1 v2048 w4 lazy tail s2 fastexp": dict(
-        block_r=1, block_v=2048, tail=True, stages=2, num_warps=4, fast_exp=True
+        block_r=1, block_v=2048, lazy=True, tail=True, stages=2, num_warps=4, fast_exp=True
     ),
     "probe r1 v2048 w4 (sum only)": dict(block_r=1, block_v=2048, lane=True, num_warps=4, probe=1),
 }
@@ -316,17 +323,13 @@ def sweep_cuda(kind, n, d, v, dtype, device, only=None):
 
     import policylong.kernels.entropy as E
 
-    dt = getattr(torch, dtype)
-    g = torch.Generator(device=device).manual_seed(0)
+    h, w, x = _cuda_inputs(kind, n, d, v, getattr(torch, dtype), device)
     if kind == "linear":
-        h = (torch.randn(n, d, generator=g, device=device) * 0.05).to(dt)
-        w = (torch.randn(v, d, generator=g, device=device) * 0.05).to(dt)
         roof = lambda: h @ w.T  # noqa: E731
         ref = E.finalize_partials(*E.linear_entropy_partials(h, w))[0].double()
         variants, fn, args = LINEAR_VARIANTS, E.linear_entropy_partials_triton, (h, w)
         work = 2.0 * n * d * v
     else:
-        x = (torch.randn(n, v, generator=g, device=device) * 2).to(dt)
         roof = lambda: x.clone()  # noqa: E731
         ref = E.finalize_partials(*E.logits_entropy_partials_triton(x, block_r=4))[0].double()
         variants, fn, args = LOGITS_VARIANTS, E.logits_entropy_partials_triton, (x,)

@@ -195,6 +195,14 @@ if HAS_TRITON:
         )
 
     @triton.jit
+    def _exp_shifted(x, safe, FAST_EXP: tl.constexpr):
+        """exp(x - safe[:, None]); with FAST_EXP one ex2.approx.ftz per element ((x - m) ·
+        log2(e) is exactly 0 at the max, so p = 1 there exactly)."""
+        if FAST_EXP:
+            return _ex2_ftz((x - safe[:, None]) * 1.4426950408889634)
+        return tl.exp(x - safe[:, None])
+
+    @triton.jit
     def _fold_lane(x, m_i, s_v, t_v, LAZY: tl.constexpr, FAST_EXP: tl.constexpr):
         """Fold a float32 tile ``x [BLOCK_R, BLOCK_V]`` into per-lane sums ``s_v``, ``t_v``
         (same shape) and the row max ``m_i [BLOCK_R]``."""
@@ -210,10 +218,7 @@ if HAS_TRITON:
                 t_v = t_v * alpha[:, None]
                 m_i = m_new
             safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-            if FAST_EXP:  # (x - m) · log2(e) is exactly 0 at the max: p = 1 there, exactly
-                p = _ex2_ftz((x - safe[:, None]) * 1.4426950408889634)
-            else:
-                p = tl.exp(x - safe[:, None])
+            p = _exp_shifted(x, safe, FAST_EXP)
             s_v += p
             # -inf logits have p = 0; clamping them to -FLT_MAX keeps p · x at 0 (not NaN)
             # with one max instead of a compare and a select
@@ -222,7 +227,7 @@ if HAS_TRITON:
             m_new = tl.maximum(m_i, tmax)
             safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - safe))
-            p = tl.exp(x - safe[:, None])
+            p = _exp_shifted(x, safe, FAST_EXP)
             s_v = s_v * alpha[:, None] + p
             t_v = t_v * alpha[:, None] + p * tl.maximum(x, -3.4e38)
             m_i = m_new
@@ -355,6 +360,16 @@ if HAS_TRITON:
         return m_new, s_i, t_i
 
     @triton.jit
+    def _dot_acc(h, w, acc, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+        """acc + h @ wᵀ for operand tiles h [BLOCK_M, BLOCK_K], w [BLOCK_N, BLOCK_K]."""
+        if DOT_F32:  # the interpreter's bf16 dot is wrong (numpy has no bf16)
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE:  # float32 inputs: no TF32, the 1e-5 contract needs full precision
+            return tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+        return tl.dot(h, tl.trans(w), acc)
+
+    @triton.jit
     def _linear_entropy_kernel(
         H,
         W,
@@ -419,13 +434,7 @@ if HAS_TRITON:
                 for ks in range(0, d, BLOCK_K):
                     h = h_desc.load([pid_m * BLOCK_M, ks])
                     w = w_desc.load([vs, ks])
-                    if DOT_F32:  # the interpreter's bf16 dot is wrong (numpy has no bf16)
-                        h = h.to(tl.float32)
-                        w = w.to(tl.float32)
-                    if IEEE:  # float32 inputs: no TF32, the 1e-5 contract needs full precision
-                        acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(h, tl.trans(w), acc)
+                    acc = _dot_acc(h, w, acc, IEEE, DOT_F32)
                 cols = vs + tl.arange(0, BLOCK_N)
                 m_i, s_i, t_i = _fold_tile(acc, cols < v1, m_i, s_i, t_i)
         else:
@@ -447,13 +456,7 @@ if HAS_TRITON:
                         kmask = (k < d)[None, :]
                         h = tl.load(h_base + k[None, :], mask=kmask, other=0.0)
                         w = tl.load(w_base + k[None, :], mask=kmask, other=0.0)
-                    if DOT_F32:
-                        h = h.to(tl.float32)
-                        w = w.to(tl.float32)
-                    if IEEE:
-                        acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(h, tl.trans(w), acc)
+                    acc = _dot_acc(h, w, acc, IEEE, DOT_F32)
                 m_i, s_i, t_i = _fold_tile(acc, cols < v1, m_i, s_i, t_i)
         off = pid_s * n + rows
         tl.store(OUT_M + off, m_i, mask=rmask)
@@ -601,7 +604,7 @@ def logits_entropy_partials_triton(
     class of n); the keyword arguments pick one variant of the kernel (tests, the benchmark's
     sweep). ``splits`` vocabulary ranges run as separate programs and merge in one more
     launch (default 1: on an H200 splitting 2K rows 8 ways read 0.69 of copy bandwidth
-    against 0.72 unsplit, 2026-11-27). ``fast_exp`` (CUDA only, implies ``lazy``): one
+    against 0.72 unsplit, 2026-11-27). ``fast_exp`` (CUDA only, per-lane sums): one
     ``ex2.approx.ftz`` per element instead of ``tl.exp``'s range-tested form; not yet timed on
     a GPU, so no autotune config uses it."""
     _require_triton(logits)
@@ -631,7 +634,7 @@ def logits_entropy_partials_triton(
         BLOCK_R=block_r,
         BLOCK_V=block_v,
         LANE=lane or lazy or tail or fast_exp,
-        LAZY=lazy or fast_exp,
+        LAZY=lazy,
         FAST_EXP=fast_exp,
         TAIL=tail,
         STAGES=stages,

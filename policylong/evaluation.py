@@ -221,35 +221,26 @@ def build_planted_probe(
     return Probe(seq, targets)
 
 
-def evaluate_planted(
-    lm,
-    corpus_dir: str,
-    root_ids: list[str],
-    lengths: list[int],
-    seed: int = 0,
-    batch_size: int = 4,
-) -> dict:
-    """``{length: {"accuracy", "nll", "n", "control_accuracy", "control_nll", "tokens"}}`` of
-    the planted-dependency probe over ``root_ids`` (held out from training) of the synthetic
-    corpus in ``corpus_dir`` (docs.jsonl, passages.jsonl, ground_truth.jsonl)."""
-    import json
+def planted_probes(
+    tok, ctx: int, corpus_dir: str, root_ids: list[str], lengths: list[int], seed: int = 0
+) -> dict[int, tuple[list[Probe], list[Probe]]]:
+    """``{length: (probes, controls)}`` of the planted-dependency probe over ``root_ids`` of
+    the synthetic corpus in ``corpus_dir`` (docs.jsonl, passages.jsonl, ground_truth.jsonl);
+    they depend on the tokenizer, not the model, so one set serves every model of a report."""
     import os
 
     from policylong.corpus import read_documents
+    from policylong.synthetic import read_ground_truth
 
     docs = {d.id: d.text for d in read_documents(os.path.join(corpus_dir, "docs.jsonl"))}
     passages = {d.id: d.text for d in read_documents(os.path.join(corpus_dir, "passages.jsonl"))}
-    gt = {}
-    with open(os.path.join(corpus_dir, "ground_truth.jsonl")) as f:
-        for line in f:
-            if line.strip():
-                o = json.loads(line)
-                gt[o["root"]] = o["facts"]
+    gt = {
+        r: o["facts"]
+        for r, o in read_ground_truth(os.path.join(corpus_dir, "ground_truth.jsonl")).items()
+    }
     missing = [r for r in root_ids if r not in gt or r not in docs]
     if missing:
         raise ValueError(f"{corpus_dir}: no root document / ground truth for {missing[:5]}")
-    tok = lm.tokenizer
-    ctx = lm.ctx_id if hasattr(lm, "ctx_id") else int(tok.bos_token_id or tok.eos_token_id)
     out = {}
     for length in lengths:
 
@@ -257,15 +248,38 @@ def evaluate_planted(
             rng = np.random.default_rng([seed, 99, _l, i])
             return build_planted_probe(tok, docs[r], gt[r], passages, _l, rng, ctx, control)
 
-        probes = [gen(i, r, False) for i, r in enumerate(root_ids)]
-        ctrl = [gen(i, r, True) for i, r in enumerate(root_ids)]
-        res = score_probes(lm, probes, batch_size)
+        out[int(length)] = (
+            [gen(i, r, False) for i, r in enumerate(root_ids)],
+            [gen(i, r, True) for i, r in enumerate(root_ids)],
+        )
+    return out
+
+
+def evaluate_planted(
+    lm,
+    corpus_dir: str,
+    root_ids: list[str],
+    lengths: list[int],
+    seed: int = 0,
+    batch_size: int = 4,
+    probes: dict[int, tuple[list[Probe], list[Probe]]] | None = None,
+) -> dict:
+    """``{length: {"accuracy", "nll", "n", "control_accuracy", "control_nll", "tokens"}}`` of
+    the planted-dependency probe over ``root_ids`` (held out from training) of the synthetic
+    corpus in ``corpus_dir``; ``probes`` from :func:`planted_probes` skips building them."""
+    if probes is None:
+        tok = lm.tokenizer
+        ctx = lm.ctx_id if hasattr(lm, "ctx_id") else int(tok.bos_token_id or tok.eos_token_id)
+        probes = planted_probes(tok, ctx, corpus_dir, root_ids, lengths, seed)
+    out = {}
+    for length, (ps, ctrl) in probes.items():
+        res = score_probes(lm, ps, batch_size)
         c = score_probes(lm, ctrl, batch_size)
-        out[int(length)] = {
+        out[length] = {
             **res,
             "control_accuracy": c["accuracy"],
             "control_nll": c["nll"],
-            "tokens": int(np.mean([len(p.tokens) for p in probes])),
+            "tokens": int(np.mean([len(p.tokens) for p in ps])),
         }
     return out
 

@@ -30,12 +30,9 @@ def _ratio(a: int, b: int):
 
 
 def planted_recovery(records: list[dict], gt_path: str) -> dict:
-    gt = {}
-    with open(gt_path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                o = json.loads(line)
-                gt[o["root"]] = o
+    from policylong.synthetic import read_ground_truth
+
+    gt = read_ground_truth(gt_path)
     links = tp_g = n_g = tp_e = n_e = 0
     admitted = {
         "guard": {"wrong_value": 0, "different_entity": 0},
@@ -194,7 +191,7 @@ def loop_report(
     from tqdm import tqdm
 
     from policylong.corpus import encode, read_documents
-    from policylong.evaluation import evaluate, evaluate_planted
+    from policylong.evaluation import evaluate, evaluate_planted, planted_probes
     from policylong.screening.entropy import root_entropies
     from policylong.screening.positions import select_positions
     from policylong.stages import _screening_model
@@ -216,6 +213,7 @@ def loop_report(
     corpus_dir = os.path.dirname(cfg.path(cfg.corpus.docs))
     has_gt = bool(cfg.corpus.ground_truth) and os.path.isfile(cfg.path(cfg.corpus.ground_truth))
     seqs_cache: dict[str, list[list[int]]] = {}
+    planted: dict[tuple, dict] = {}
 
     def seqs_of(stage_dir):
         if stage_dir not in seqs_cache:
@@ -257,8 +255,13 @@ def loop_report(
             ],
             "probes": evaluate(lm, lengths, n=n_niah, tasks=("niah_single", "niah_multikey")),
         }
-        if has_gt:
-            res["probes"]["planted"] = evaluate_planted(lm, corpus_dir, held, lengths)
+        if has_gt:  # the probes depend on the tokenizer only: built once for all models
+            key = (getattr(tok, "name_or_path", None), len(tok), lm.ctx_id)
+            if key not in planted:
+                planted[key] = planted_probes(tok, lm.ctx_id, corpus_dir, held, lengths)
+            res["probes"]["planted"] = evaluate_planted(
+                lm, corpus_dir, held, lengths, probes=planted[key]
+            )
         # Fig. 3: this model's loss on the stage data it is compared on
         res["stage_loss"] = {}
         for p, r in runs.items():

@@ -417,6 +417,17 @@ def generate_corpus(
 # -- training data for the embedded base model -------------------------------------------------
 
 
+def read_ground_truth(path: str) -> dict[str, dict]:
+    """``ground_truth.jsonl`` (as :func:`generate_corpus` writes it) keyed by root id."""
+    gt = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                o = json.loads(line)
+                gt[o["root"]] = o
+    return gt
+
+
 def induction_sequence(
     rng: np.random.Generator,
     vocab_ids: np.ndarray,

@@ -428,6 +428,13 @@ def _sets(*kv):
     return [x for k in kv for x in ("--set", k)]
 
 
+def _screen_manifest(out, model, stage, *args):
+    """`policylong screen --model MODEL --stage STAGE --out OUT ARGS...`; its manifest."""
+    rc, log = _cli("screen", *args, "--model", model, "--stage", stage, "--out", out)
+    assert rc == 0, log[-3000:]
+    return json.loads((out / "manifest.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def loop_run(tmp_path_factory):
     """A synthetic corpus and index, and one uninterrupted two-stage `policylong run`."""
@@ -486,20 +493,9 @@ def test_on_policy_loop_two_stages_and_rerun(loop_run, tmp_path):
     ]
     assert roots[0] and roots[1] and not roots[0] & roots[1]
     # the same stage through the Hugging Face backend: byte-identical
-    rc, log = _cli(
-        "screen",
-        *sets,
-        "--set",
-        "data.num_roots=10",
-        "--model",
-        "embedded",
-        "--stage",
-        0,
-        "--out",
-        tmp_path / "hf_stage_0",
+    hf0 = _screen_manifest(
+        tmp_path / "hf_stage_0", "embedded", 0, *sets, "--set", "data.num_roots=10"
     )
-    assert rc == 0, log[-3000:]
-    hf0 = json.loads((tmp_path / "hf_stage_0" / "manifest.json").read_text())
     assert hf0["sha256"] == m0["sha256"]
     # rerun: nothing is screened or trained again
     stamps = {
@@ -751,19 +747,13 @@ def test_overlapped_screening_uses_the_mid_stage_checkpoint(loop_run, tmp_path):
     assert m1["model"] == f"{runs / 'ckpt_1'}@2"
     assert (runs / "ckpt_2" / "latest_checkpointed_iteration.txt").read_text() == "4"
     assert "screening in a second process" in log
-    rc, log = _cli(
-        "screen",
+    ref = _screen_manifest(
+        tmp_path / "s1",
+        f"{runs / 'ckpt_1'}@2",
+        1,
         *sets,
         *_sets("data.root_offset=10", "data.num_roots=10"),
-        "--model",
-        f"{runs / 'ckpt_1'}@2",
-        "--stage",
-        1,
-        "--out",
-        tmp_path / "s1",
     )
-    assert rc == 0, log[-3000:]
-    ref = json.loads((tmp_path / "s1" / "manifest.json").read_text())
     assert ref["sha256"] == m1["sha256"]
     # stage 0 is not affected by the overlap
     m0 = json.loads((runs / "stage_0" / "manifest.json").read_text())

@@ -227,7 +227,7 @@ def measure_cuda_group(kind, methods, n, d, v, dtype, device):
         if method == "triton":  # which autotune config won (None: fixed config)
             import policylong.kernels.entropy as E
 
-            tuned = E._linear_entropy_tuned if kind == "linear" else E._logits_entropy_tuned
+            tuned = E._linear_entropy_tuned if kind == "linear" else E.logits_autotuner()
             row["config"] = str(getattr(tuned, "best_config", None))
             timings = getattr(tuned, "configs_timings", None) or {}
             row["autotune_ms"] = {
@@ -279,39 +279,56 @@ LINEAR_VARIANTS = {  # name -> keyword arguments of linear_entropy_partials_trit
     ),
 }
 
-LOGITS_VARIANTS = {  # name -> keyword arguments of logits_entropy_partials_triton
-    "r1 v1024 w1 lazy tail nosplit": dict(
-        block_r=1, block_v=1024, lazy=True, tail=True, num_warps=1, splits=1
-    ),
-    "r1 v1024 w1 lazy tail": dict(block_r=1, block_v=1024, lazy=True, tail=True, num_warps=1),
-    "r1 v1024 w2 lazy tail": dict(block_r=1, block_v=1024, lazy=True, tail=True, num_warps=2),
-    "r1 v1024 w1 lazy tail s2": dict(
-        block_r=1, block_v=1024, lazy=True, tail=True, stages=2, num_warps=1
-    ),
-    "r1 v1024 w2 lazy tail s2": dict(
-        block_r=1, block_v=1024, lazy=True, tail=True, stages=2, num_warps=2
-    ),
-    "r1 v512 w1 lazy tail": dict(block_r=1, block_v=512, lazy=True, tail=True, num_warps=1),
-    "r1 v512 w1 lazy tail s2": dict(
-        block_r=1, block_v=512, lazy=True, tail=True, stages=2, num_warps=1
-    ),
-    "r1 v2048 w4 lazy tail s2": dict(
-        block_r=1, block_v=2048, lazy=True, tail=True, stages=2, num_warps=4
-    ),
-    "r1 v1024 w1 lazy tail s2 fastexp": dict(
-        block_r=1, block_v=1024, lazy=True, tail=True, stages=2, num_warps=1, fast_exp=True
-    ),
-    "r1 v512 w1 lazy tail s2 fastexp": dict(
-        block_r=1, block_v=512, lazy=True, tail=True, stages=2, num_warps=1, fast_exp=True
-    ),
-    "r1 v1024 w2 lazy tail s2 fastexp": dict(
-        block_r=1, block_v=1024, lazy=True, tail=True, stages=2, num_warps=2, fast_exp=True
-    ),
-    "r1 v2048 w4 lazy tail s2 fastexp": dict(
-        block_r=1, block_v=2048, lazy=True, tail=True, stages=2, num_warps=4, fast_exp=True
-    ),
-    "probe r1 v2048 w4 (sum only)": dict(block_r=1, block_v=2048, lane=True, num_warps=4, probe=1),
-}
+
+def _logits_variant(block_v, warps, stages, group=False, fast_exp=False, splits=1):
+    name = f"r1 v{block_v} w{warps} s{stages}" + " group" * group + " fastexp" * fast_exp
+    kw = dict(block_r=1, block_v=block_v, num_warps=warps, stages=stages, lazy=True, tail=True)
+    kw.update(group=group, fast_exp=fast_exp, splits=splits)
+    return name + (f" split{splits}" if splits > 1 else ""), kw
+
+
+LOGITS_VARIANTS = dict(  # name -> keyword arguments of logits_entropy_partials_triton
+    # every variant: one row per program, lazy rescaling, unmasked whole tiles + masked tail
+    [
+        _logits_variant(bv, w, st, group, fast_exp, splits)
+        for bv, w, st, group, fast_exp, splits in [
+            # per-element lane sums (the autotuned configs; 118 registers at v1024 w1)
+            (1024, 1, 1, False, False, 1),
+            (1024, 1, 2, False, False, 1),
+            (1024, 2, 1, False, False, 1),
+            (512, 1, 1, False, False, 1),
+            (512, 1, 2, False, False, 1),
+            (2048, 4, 2, False, False, 1),
+            (1024, 1, 2, False, True, 1),
+            (512, 1, 2, False, True, 1),
+            (2048, 4, 2, False, True, 1),
+            # sums grouped per thread (registers, Triton 3.6 sm_90: v1024 w1 63-64, v512 w1
+            # 49-53, v2048 w2 56-64, v2048 w4 39-40, v4096 w4 56-64)
+            (1024, 1, 1, True, False, 1),
+            (1024, 1, 2, True, False, 1),
+            (1024, 1, 1, True, True, 1),
+            (1024, 1, 2, True, True, 1),
+            (512, 1, 1, True, False, 1),
+            (512, 1, 2, True, True, 1),
+            (2048, 2, 1, True, False, 1),
+            (2048, 2, 2, True, False, 1),
+            (2048, 2, 1, True, True, 1),
+            (2048, 2, 2, True, True, 1),
+            (2048, 4, 1, True, False, 1),
+            (2048, 4, 1, True, True, 1),
+            (4096, 4, 1, True, True, 1),
+            (1024, 1, 1, True, False, 2),
+            (1024, 1, 2, True, True, 2),
+        ]
+    ]
+)
+LOGITS_VARIANTS.update(
+    {
+        "probe r1 v2048 w4 (sum only)": dict(
+            block_r=1, block_v=2048, lane=True, num_warps=4, probe=1
+        ),
+    }
+)
 
 
 def sweep_cuda(kind, n, d, v, dtype, device, only=None):
@@ -434,6 +451,8 @@ def main() -> None:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
+        # the logits autotuner's config set (timed, or all: with the untimed candidates)
+        "logits_configs": os.environ.get("POLICYLONG_LOGITS_CONFIGS", "timed"),
         "device_name": torch.cuda.get_device_name()
         if cuda
         else platform.processor() or platform.machine(),

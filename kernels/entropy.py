@@ -234,6 +234,29 @@ if HAS_TRITON:
         return m_i, s_v, t_v
 
     @triton.jit
+    def _fold_group(x, m_i, s_g, t_g, FAST_EXP: tl.constexpr):
+        """:func:`_fold_lane` (lazy) for a tile ``x [BLOCK_R, BLOCK_V / G, G]`` whose last axis
+        is G neighbouring elements that one thread holds: the sums ``s_g``, ``t_g``
+        ``[BLOCK_R, BLOCK_V / G]`` add the G elements in registers first, so each accumulator
+        takes G times fewer registers than per-element sums."""
+        tmax = tl.max(tl.max(x, 2), 1)
+        if tl.sum((tmax > m_i).to(tl.int32), 0) > 0:
+            m_new = tl.maximum(m_i, tmax)
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - safe))
+            s_g = s_g * alpha[:, None]
+            t_g = t_g * alpha[:, None]
+            m_i = m_new
+        safe = tl.where(m_i == float("-inf"), 0.0, m_i)[:, None, None]
+        if FAST_EXP:
+            p = _ex2_ftz((x - safe) * 1.4426950408889634)
+        else:
+            p = tl.exp(x - safe)
+        s_g += tl.sum(p, 2)
+        t_g += tl.sum(p * tl.maximum(x, -3.4e38), 2)
+        return m_i, s_g, t_g
+
+    @triton.jit
     def _logits_entropy_kernel(
         X,
         OUT_M,
@@ -253,6 +276,7 @@ if HAS_TRITON:
         PROBE: tl.constexpr,
         TAIL: tl.constexpr,
         FAST_EXP: tl.constexpr = False,
+        GROUP: tl.constexpr = False,
     ):
         """Rows [pid*BLOCK_R, +BLOCK_R) of logits [n, v]: one streaming pass over v.
 
@@ -260,9 +284,14 @@ if HAS_TRITON:
         cross-warp reduction (the max) per tile instead of three. ``LAZY`` (with ``LANE``):
         the per-lane sums are rescaled only in tiles that raise some row's max. ``TAIL`` (with
         ``LANE``): whole tiles load without a mask (rows past n clamped to row n-1, discarded
-        by the store) and only the last, ragged tile is masked — the kernel is issue-bound on
-        an H200 (a sum-only pass reads at copy speed), so a compare and a select per element
-        matter. ``STAGES`` > 1 software-pipelines the loads. ``PROBE`` = 1 is a bandwidth
+        by the store) and only the last, ragged tile is masked (a compare and a select per
+        element matter: a sum-only pass reads at copy speed on an H200, this one does not).
+        ``GROUP`` (lazy, unmasked whole tiles): the tile is loaded as ``[BLOCK_R, BLOCK_V / G,
+        G]``, G the elements of one thread's 16-byte load, and each group is added in
+        registers before it reaches the per-lane sums ``[BLOCK_R, BLOCK_V / G]`` — per-element
+        sums hold 64 of the 119 registers of the BLOCK_V = 1024 one-warp kernel, which caps an
+        SM at 17 resident warps and so at 34 KB of loads in flight (sm_90 SASS).
+        ``STAGES`` > 1 software-pipelines the loads. ``PROBE`` = 1 is a bandwidth
         probe for benchmarks only (sums x, no exp; its partials are not an entropy).
 
         The vocabulary can be cut into ``n_splits`` ranges of ``v_per_split`` (grid axis 1),
@@ -285,6 +314,26 @@ if HAS_TRITON:
                 mask = rmask[:, None] & (cols < v1)[None, :]
                 s_v += tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             s_i = tl.sum(s_v, 1)
+        elif GROUP:
+            # one 16-byte load per thread: 8 bf16/fp16 or 4 fp32 (8 fp32 would split a group
+            # over two threads: 44 more shuffles per tile in the sm_90 SASS)
+            G: tl.constexpr = 128 // X.dtype.element_ty.primitive_bitwidth
+            s_v = tl.zeros([BLOCK_R, BLOCK_V // G], tl.float32)
+            t_v = tl.zeros([BLOCK_R, BLOCK_V // G], tl.float32)
+            offs = (tl.arange(0, BLOCK_V // G)[:, None] * G + tl.arange(0, G)[None, :])[None]
+            v_main = v0 + ((v1 - v0) // BLOCK_V) * BLOCK_V
+            rows3 = rows[:, None, None]
+            base_ld = X + tl.minimum(rows3, n - 1).to(tl.int64) * stride_x
+            for vs in tl.range(v0, v_main, BLOCK_V, num_stages=STAGES):
+                x = tl.load(base_ld + (vs + offs)).to(tl.float32)
+                m_i, s_v, t_v = _fold_group(x, m_i, s_v, t_v, FAST_EXP)
+            for vs in tl.range(v_main, v1, BLOCK_V, num_stages=STAGES):
+                cols = vs + offs
+                mask = (rows3 < n) & (cols < v1)
+                x = tl.load(base_ld + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                m_i, s_v, t_v = _fold_group(x, m_i, s_v, t_v, FAST_EXP)
+            s_i = tl.sum(s_v, 1)
+            t_i = tl.sum(t_v, 1)
         elif LANE:
             s_v = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
             t_v = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
@@ -525,9 +574,50 @@ if HAS_TRITON:
             (1, 2048, 4, True, True, 2),
         ]
     ]
+    _LOGITS_CANDIDATES = [
+        triton.Config(
+            {
+                "BLOCK_R": 1,
+                "BLOCK_V": bv,
+                "LANE": True,
+                "LAZY": True,
+                "STAGES": st,
+                "PROBE": 0,
+                "TAIL": True,
+                "GROUP": True,
+                "FAST_EXP": fe,
+            },
+            num_warps=w,
+        )
+        # not yet timed on a GPU (registers counted from the sm_90 SASS, Triton 3.6: 63-64,
+        # 56-64, 39-40 for v1024 w1, v2048 w2, v2048 w4); tried by the autotuner only with
+        # POLICYLONG_LOGITS_CONFIGS=all
+        for bv, w, st, fe in [
+            (1024, 1, 1, False),
+            (1024, 1, 2, False),
+            (1024, 1, 1, True),
+            (1024, 1, 2, True),
+            (2048, 2, 1, False),
+            (2048, 2, 2, True),
+            (2048, 4, 1, True),
+        ]
+    ]
     _logits_entropy_tuned = triton.autotune(_LOGITS_CONFIGS, key=["v", "size_class"])(
         _logits_entropy_kernel
     )
+    _logits_entropy_tuned_all = triton.autotune(
+        _LOGITS_CONFIGS + _LOGITS_CANDIDATES, key=["v", "size_class"]
+    )(_logits_entropy_kernel)
+
+
+def logits_autotuner():
+    """The autotuned logits kernel in use: its configs timed on a GPU, or with
+    ``POLICYLONG_LOGITS_CONFIGS=all`` those and the untimed candidates (grouped sums, fast
+    exp), so one benchmark run can compare both sets."""
+    which = os.environ.get("POLICYLONG_LOGITS_CONFIGS", "timed")
+    if which not in ("timed", "all"):
+        raise ValueError(f"POLICYLONG_LOGITS_CONFIGS must be 'timed' or 'all', not {which!r}")
+    return _logits_entropy_tuned_all if which == "all" else _logits_entropy_tuned
 
 
 def _tma_ok(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -597,6 +687,7 @@ def logits_entropy_partials_triton(
     tail: bool = False,
     splits: int | None = None,
     fast_exp: bool = False,
+    group: bool = False,
 ):
     """Partials (m, s, t) float32 [n] of ``logits [n, v]`` (rows contiguous) in one pass.
 
@@ -606,7 +697,11 @@ def logits_entropy_partials_triton(
     launch (default 1: on an H200 splitting 2K rows 8 ways read 0.69 of copy bandwidth
     against 0.72 unsplit, 2026-11-27). ``fast_exp`` (CUDA only, per-lane sums): one
     ``ex2.approx.ftz`` per element instead of ``tl.exp``'s range-tested form; not yet timed on
-    a GPU, so no autotune config uses it."""
+    a GPU, so no autotune config uses it. ``group`` (implies ``lazy`` and ``tail``): each
+    thread adds the elements of its 16-byte load in registers before they reach the per-lane
+    sums, so the sums take 8× (bf16/fp16) or 4× (fp32) fewer registers: 63 instead of 119 per
+    thread at BLOCK_V = 1024 on one warp (sm_90 SASS, Triton 3.9), which doubles the warps an
+    SM holds (65,536 registers: 17 → 32) and so the loads in flight; not yet timed on a GPU."""
     _require_triton(logits)
     if fast_exp and not logits.is_cuda:
         raise ValueError("fast_exp=True is inline PTX: CUDA only (the interpreter has none)")
@@ -626,14 +721,15 @@ def logits_entropy_partials_triton(
     args = (logits, pm, ps, pt, n, v, logits.stride(0), v_per_split, S, size_class)
     if tuned:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_R"]), S)  # noqa: E731
-        _logits_entropy_tuned[grid](*args)
+        logits_autotuner()[grid](*args)
         return _merge_splits(pm, ps, pt)
     block_r, block_v = block_r or 4, block_v or 2048
     _logits_entropy_kernel[(triton.cdiv(n, block_r), S)](
         *args,
         BLOCK_R=block_r,
         BLOCK_V=block_v,
-        LANE=lane or lazy or tail or fast_exp,
+        LANE=lane or lazy or tail or fast_exp or group,
+        GROUP=group,
         LAZY=lazy,
         FAST_EXP=fast_exp,
         TAIL=tail,

@@ -159,21 +159,24 @@ def test_logits_entropy_matches_float64(dtype, backend):
 
 @pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
-    "lane,lazy,stages,tail,splits",
+    "lane,lazy,stages,tail,splits,group",
     [
-        (False, False, 1, False, 1),
-        (True, False, 1, False, 1),
-        (True, True, 1, False, 1),
-        (True, True, 3, False, 1),
-        (True, True, 1, True, 1),
-        (True, False, 2, True, 1),
-        (False, False, 1, False, 3),
-        (True, True, 2, True, 4),
+        (False, False, 1, False, 1, False),
+        (True, False, 1, False, 1, False),
+        (True, True, 1, False, 1, False),
+        (True, True, 3, False, 1, False),
+        (True, True, 1, True, 1, False),
+        (True, False, 2, True, 1, False),
+        (False, False, 1, False, 3, False),
+        (True, True, 2, True, 4, False),
+        (True, True, 1, True, 1, True),
+        (True, True, 2, True, 3, True),
     ],
 )
-def test_triton_logits_variants_exact_cases(lane, lazy, stages, tail, splits):
+def test_triton_logits_variants_exact_cases(lane, lazy, stages, tail, splits, group):
     """Every loop structure of the logits kernel (per-row sums, per-lane sums, per-lane with
-    lazy rescaling, pipelined loads, unmasked whole tiles + a masked tail), with the vocabulary
+    lazy rescaling, pipelined loads, unmasked whole tiles + a masked tail, sums grouped per
+    thread), with the vocabulary
     in one range or split over programs and merged, on -inf rows (one split sees only -inf in
     row 1), a one-hot row, a uniform row, a row whose max rises late (forces the lazy
     rescale), a ragged last tile and rows past n in the last block (7 rows, BLOCK_R = 4)."""
@@ -192,6 +195,7 @@ def test_triton_logits_variants_exact_cases(lane, lazy, stages, tail, splits):
         stages=stages,
         tail=tail,
         splits=splits,
+        group=group,
     )
     out, _ = E.finalize_partials(m, s, t)
     out = out.cpu()
@@ -208,12 +212,16 @@ def test_fast_exp_is_cuda_only():
 
 
 @pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_logits_lazy_low_precision(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [False, True])
+def test_triton_logits_lazy_dtypes(dtype, group):
+    """Lazy per-lane sums on every input dtype; ``group`` adds 8 (bf16/fp16) or 4 (fp32)
+    neighbouring elements per thread first (9 rows over BLOCK_R = 2: a clamped last block;
+    2,500 = 9 whole tiles of 256 + a ragged tail)."""
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(9, 2500, generator=g) * 4).to(dtype)
     m, s, t = E.logits_entropy_partials_triton(
-        x.to(DEV), block_r=2, block_v=256, lazy=True, tail=True
+        x.to(DEV), block_r=2, block_v=256, lazy=True, tail=True, group=group
     )
     out, _ = E.finalize_partials(m, s, t)
     assert rel(out, logits_entropy_ref(x)) < TOL[dtype]
@@ -325,3 +333,19 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         pytest.skip("triton is not installed")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         fused_linear_entropy(torch.randn(4, 8), torch.randn(10, 8), backend="triton")
+
+
+@pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
+def test_logits_autotuner_config_sets(monkeypatch):
+    """The timed configs by default; with POLICYLONG_LOGITS_CONFIGS=all also the untimed
+    candidates (grouped sums), which extend the timed set; anything else is an error."""
+    monkeypatch.delenv("POLICYLONG_LOGITS_CONFIGS", raising=False)
+    timed = E.logits_autotuner()
+    monkeypatch.setenv("POLICYLONG_LOGITS_CONFIGS", "all")
+    every = E.logits_autotuner()
+    assert timed.configs == every.configs[: len(timed.configs)]
+    assert not any(c.kwargs.get("GROUP") for c in timed.configs)
+    assert any(c.kwargs.get("GROUP") for c in every.configs[len(timed.configs) :])
+    monkeypatch.setenv("POLICYLONG_LOGITS_CONFIGS", "grouped")
+    with pytest.raises(ValueError, match="POLICYLONG_LOGITS_CONFIGS"):
+        E.logits_autotuner()

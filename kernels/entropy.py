@@ -234,7 +234,14 @@ if HAS_TRITON:
         return m_i, s_v, t_v
 
     @triton.jit
-    def _fold_group(x, m_i, s_g, t_g, FAST_EXP: tl.constexpr):
+    def _exp_shifted3(x, safe, FAST_EXP: tl.constexpr):
+        """exp(x - safe[:, None, None]) of a grouped tile (see :func:`_exp_shifted`)."""
+        if FAST_EXP:
+            return _ex2_ftz((x - safe[:, None, None]) * 1.4426950408889634)
+        return tl.exp(x - safe[:, None, None])
+
+    @triton.jit
+    def _fold_group_exact(x, m_i, s_g, t_g, FAST_EXP: tl.constexpr):
         """:func:`_fold_lane` (lazy) for a tile ``x [BLOCK_R, BLOCK_V / G, G]`` whose last axis
         is G neighbouring elements that one thread holds: the sums ``s_g``, ``t_g``
         ``[BLOCK_R, BLOCK_V / G]`` add the G elements in registers first, so each accumulator
@@ -247,14 +254,34 @@ if HAS_TRITON:
             s_g = s_g * alpha[:, None]
             t_g = t_g * alpha[:, None]
             m_i = m_new
-        safe = tl.where(m_i == float("-inf"), 0.0, m_i)[:, None, None]
-        if FAST_EXP:
-            p = _ex2_ftz((x - safe) * 1.4426950408889634)
-        else:
-            p = tl.exp(x - safe)
+        p = _exp_shifted3(x, tl.where(m_i == float("-inf"), 0.0, m_i), FAST_EXP)
         s_g += tl.sum(p, 2)
         t_g += tl.sum(p * tl.maximum(x, -3.4e38), 2)
         return m_i, s_g, t_g
+
+    @triton.jit
+    def _fold_group_deferred(x, m_i, s_g, t_g, FAST_EXP: tl.constexpr):
+        """:func:`_fold_group_exact` without the tile max; returns ``redo`` > 0 (and the sums
+        untouched) when the tile must be folded the exact way instead.
+
+        ``m_i`` is a reference here, not the running max: the exact max of the first tile(s),
+        raised only when a tile's group sums of exp(x - m_i) pass 2^20 (a logit more than ~14
+        above it) or are NaN. s = Σ exp(x - m), t = Σ exp(x - m)·x and m + log s - t/s are the
+        same for any reference m; one below the max by < 14.6 costs no float32 range (sums ≤
+        2^20 · v) and, m being a logit of the row, nothing that matters underflows. Rows
+        whose reference is still -inf (the first tile, an all -inf prefix) always redo. Saves
+        the tile max (31 FMNMX + 5 shuffle-max per 32 elements on one warp) for 4 compares
+        and one reduction of flags."""
+        redo = tl.sum((m_i == float("-inf")).to(tl.int32), 0)
+        if redo == 0:
+            p = _exp_shifted3(x, m_i, FAST_EXP)
+            gs = tl.sum(p, 2)
+            gt = tl.sum(p * tl.maximum(x, -3.4e38), 2)
+            redo = tl.sum(tl.sum(tl.where(gs <= 1048576.0, 0, 1), 1), 0)
+            if redo == 0:
+                s_g += gs
+                t_g += gt
+        return m_i, s_g, t_g, redo
 
     @triton.jit
     def _logits_entropy_kernel(
@@ -277,6 +304,7 @@ if HAS_TRITON:
         TAIL: tl.constexpr,
         FAST_EXP: tl.constexpr = False,
         GROUP: tl.constexpr = False,
+        DEFER: tl.constexpr = False,
     ):
         """Rows [pid*BLOCK_R, +BLOCK_R) of logits [n, v]: one streaming pass over v.
 
@@ -326,12 +354,21 @@ if HAS_TRITON:
             base_ld = X + tl.minimum(rows3, n - 1).to(tl.int64) * stride_x
             for vs in tl.range(v0, v_main, BLOCK_V, num_stages=STAGES):
                 x = tl.load(base_ld + (vs + offs)).to(tl.float32)
-                m_i, s_v, t_v = _fold_group(x, m_i, s_v, t_v, FAST_EXP)
+                if DEFER:
+                    m_i, s_v, t_v, redo = _fold_group_deferred(x, m_i, s_v, t_v, FAST_EXP)
+                    if redo > 0:
+                        # load the tile again (from cache) rather than keep x live through the
+                        # deferred fold: that took 93 registers instead of 64 (sm_90 SASS)
+                        x = tl.load(base_ld + (vs + offs)).to(tl.float32)
+                        m_i, s_v, t_v = _fold_group_exact(x, m_i, s_v, t_v, FAST_EXP)
+                else:
+                    m_i, s_v, t_v = _fold_group_exact(x, m_i, s_v, t_v, FAST_EXP)
             for vs in tl.range(v_main, v1, BLOCK_V, num_stages=STAGES):
                 cols = vs + offs
                 mask = (rows3 < n) & (cols < v1)
                 x = tl.load(base_ld + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                m_i, s_v, t_v = _fold_group(x, m_i, s_v, t_v, FAST_EXP)
+                # one ragged tile: always the exact way
+                m_i, s_v, t_v = _fold_group_exact(x, m_i, s_v, t_v, FAST_EXP)
             s_i = tl.sum(s_v, 1)
             t_i = tl.sum(t_v, 1)
         elif LANE:
@@ -586,20 +623,23 @@ if HAS_TRITON:
                 "TAIL": True,
                 "GROUP": True,
                 "FAST_EXP": fe,
+                "DEFER": defer,
             },
             num_warps=w,
         )
         # not yet timed on a GPU (registers counted from the sm_90 SASS, Triton 3.6: 63-64,
-        # 56-64, 39-40 for v1024 w1, v2048 w2, v2048 w4); tried by the autotuner only with
-        # POLICYLONG_LOGITS_CONFIGS=all
-        for bv, w, st, fe in [
-            (1024, 1, 1, False),
-            (1024, 1, 2, False),
-            (1024, 1, 1, True),
-            (1024, 1, 2, True),
-            (2048, 2, 1, False),
-            (2048, 2, 2, True),
-            (2048, 4, 1, True),
+        # 56-64, 39-40 for grouped v1024 w1, v2048 w2, v2048 w4; 63-64 and 56 deferred v512
+        # w1, v2048 w4); tried by the autotuner only with POLICYLONG_LOGITS_CONFIGS=all
+        for bv, w, st, fe, defer in [
+            (1024, 1, 1, False, False),
+            (1024, 1, 2, False, False),
+            (1024, 1, 1, True, False),
+            (1024, 1, 2, True, False),
+            (2048, 2, 1, False, False),
+            (2048, 2, 2, True, False),
+            (2048, 4, 1, True, False),
+            (512, 1, 2, True, True),
+            (2048, 4, 1, True, True),
         ]
     ]
     _logits_entropy_tuned = triton.autotune(_LOGITS_CONFIGS, key=["v", "size_class"])(
@@ -688,6 +728,7 @@ def logits_entropy_partials_triton(
     splits: int | None = None,
     fast_exp: bool = False,
     group: bool = False,
+    defer: bool = False,
 ):
     """Partials (m, s, t) float32 [n] of ``logits [n, v]`` (rows contiguous) in one pass.
 
@@ -701,7 +742,10 @@ def logits_entropy_partials_triton(
     thread adds the elements of its 16-byte load in registers before they reach the per-lane
     sums, so the sums take 8× (bf16/fp16) or 4× (fp32) fewer registers: 63 instead of 119 per
     thread at BLOCK_V = 1024 on one warp (sm_90 SASS, Triton 3.9), which doubles the warps an
-    SM holds (65,536 registers: 17 → 32) and so the loads in flight; not yet timed on a GPU."""
+    SM holds (65,536 registers: 17 → 32) and so the loads in flight; not yet timed on a GPU.
+    ``defer`` (implies ``group``): no per-tile max; exp is taken against a reference that is
+    corrected only when a tile's sums reveal a logit far above it (see the kernel's
+    ``_fold_group``); not yet timed on a GPU."""
     _require_triton(logits)
     if fast_exp and not logits.is_cuda:
         raise ValueError("fast_exp=True is inline PTX: CUDA only (the interpreter has none)")
@@ -728,8 +772,9 @@ def logits_entropy_partials_triton(
         *args,
         BLOCK_R=block_r,
         BLOCK_V=block_v,
-        LANE=lane or lazy or tail or fast_exp or group,
-        GROUP=group,
+        LANE=lane or lazy or tail or fast_exp or group or defer,
+        GROUP=group or defer,
+        DEFER=defer,
         LAZY=lazy,
         FAST_EXP=fast_exp,
         TAIL=tail,

@@ -44,10 +44,10 @@ def test_hf_backend_cuda_matches_cpu():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-3)])
 def test_logits_gpu_variants_match_float64(dtype, tol):
-    """The inline-PTX ``ex2.approx.ftz`` variant (CUDA only) and the per-thread grouped sums,
-    compiled, on the exact cases (uniform row: log v; one-hot row among -inf: exactly 0; a row
-    whose max rises in every tile) and random rows at the Qwen2.5 vocabulary, against the
-    float64 reference."""
+    """The inline-PTX ``ex2.approx.ftz`` variant (CUDA only), the per-thread grouped sums and
+    the deferred max, compiled, on the exact cases (uniform row: log v; one-hot row among -inf:
+    exactly 0; a row whose max rises in every tile) and random rows at the Qwen2.5 vocabulary,
+    against the float64 reference."""
     import math
 
     import policylong.kernels.entropy as E
@@ -62,15 +62,17 @@ def test_logits_gpu_variants_match_float64(dtype, tol):
     x[2, : v // 3] = float("-inf")
     x[3] = torch.linspace(-30, 30, v)
     x = x.to(dtype)
-    variants = [  # block_v, warps, stages, fast_exp, group
-        (1024, 1, 2, True, False),
-        (512, 1, 2, True, False),
-        (2048, 4, 2, True, False),
-        (1024, 1, 1, False, True),
-        (1024, 1, 2, True, True),
-        (2048, 2, 1, True, True),
+    variants = [  # block_v, warps, stages, fast_exp, group, defer
+        (1024, 1, 2, True, False, False),
+        (512, 1, 2, True, False, False),
+        (2048, 4, 2, True, False, False),
+        (1024, 1, 1, False, True, False),
+        (1024, 1, 2, True, True, False),
+        (2048, 2, 1, True, True, False),
+        (512, 1, 2, True, True, True),
+        (2048, 4, 1, False, True, True),
     ]
-    for block_v, warps, stages, fast_exp, group in variants:
+    for block_v, warps, stages, fast_exp, group, defer in variants:
         m, s, t = E.logits_entropy_partials_triton(
             x.cuda(),
             block_r=1,
@@ -80,6 +82,7 @@ def test_logits_gpu_variants_match_float64(dtype, tol):
             num_warps=warps,
             fast_exp=fast_exp,
             group=group,
+            defer=defer,
         )
         out = E.finalize_partials(m, s, t)[0].cpu()
         ref = logits_entropy_ref(x)

@@ -159,33 +159,37 @@ def test_logits_entropy_matches_float64(dtype, backend):
 
 @pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
-    "lane,lazy,stages,tail,splits,group",
+    "lane,lazy,stages,tail,splits,group,defer",
     [
-        (False, False, 1, False, 1, False),
-        (True, False, 1, False, 1, False),
-        (True, True, 1, False, 1, False),
-        (True, True, 3, False, 1, False),
-        (True, True, 1, True, 1, False),
-        (True, False, 2, True, 1, False),
-        (False, False, 1, False, 3, False),
-        (True, True, 2, True, 4, False),
-        (True, True, 1, True, 1, True),
-        (True, True, 2, True, 3, True),
+        (False, False, 1, False, 1, False, False),
+        (True, False, 1, False, 1, False, False),
+        (True, True, 1, False, 1, False, False),
+        (True, True, 3, False, 1, False, False),
+        (True, True, 1, True, 1, False, False),
+        (True, False, 2, True, 1, False, False),
+        (False, False, 1, False, 3, False, False),
+        (True, True, 2, True, 4, False, False),
+        (True, True, 1, True, 1, True, False),
+        (True, True, 2, True, 3, True, False),
+        (True, True, 1, True, 1, True, True),
+        (True, True, 2, True, 2, True, True),
     ],
 )
-def test_triton_logits_variants_exact_cases(lane, lazy, stages, tail, splits, group):
+def test_triton_logits_variants_exact_cases(lane, lazy, stages, tail, splits, group, defer):
     """Every loop structure of the logits kernel (per-row sums, per-lane sums, per-lane with
     lazy rescaling, pipelined loads, unmasked whole tiles + a masked tail, sums grouped per
-    thread), with the vocabulary
-    in one range or split over programs and merged, on -inf rows (one split sees only -inf in
-    row 1), a one-hot row, a uniform row, a row whose max rises late (forces the lazy
-    rescale), a ragged last tile and rows past n in the last block (7 rows, BLOCK_R = 4)."""
+    thread, no tile max but a checked reference), with the vocabulary in one range or split
+    over programs and merged, on -inf rows (one split sees only -inf in row 1), a one-hot
+    row, a uniform row, a row whose max rises in every tile (forces the lazy rescale; the
+    deferred fold redoes tiles once it is 14 above its reference), a spike of 45 in a late
+    tile, a ragged last tile and rows past n in the last block (7 rows, BLOCK_R = 4)."""
     x = torch.randn(7, 777)
     x[0] = 0.0
     x[1] = float("-inf")
     x[1, 700] = 3.0
     x[2, :400] = float("-inf")
     x[5] = torch.linspace(-20, 20, 777)  # a new max in every tile
+    x[6, 650] = 45.0
     m, s, t = E.logits_entropy_partials_triton(
         x.to(DEV),
         block_r=4,
@@ -196,6 +200,7 @@ def test_triton_logits_variants_exact_cases(lane, lazy, stages, tail, splits, gr
         tail=tail,
         splits=splits,
         group=group,
+        defer=defer,
     )
     out, _ = E.finalize_partials(m, s, t)
     out = out.cpu()
@@ -213,15 +218,15 @@ def test_fast_exp_is_cuda_only():
 
 @pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("group", [False, True])
-def test_triton_logits_lazy_dtypes(dtype, group):
+@pytest.mark.parametrize("group,defer", [(False, False), (True, False), (True, True)])
+def test_triton_logits_lazy_dtypes(dtype, group, defer):
     """Lazy per-lane sums on every input dtype; ``group`` adds 8 (bf16/fp16) or 4 (fp32)
-    neighbouring elements per thread first (9 rows over BLOCK_R = 2: a clamped last block;
-    2,500 = 9 whole tiles of 256 + a ragged tail)."""
+    neighbouring elements per thread first; ``defer`` skips the tile max (9 rows over
+    BLOCK_R = 2: a clamped last block; 2,500 = 9 whole tiles of 256 + a ragged tail)."""
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(9, 2500, generator=g) * 4).to(dtype)
     m, s, t = E.logits_entropy_partials_triton(
-        x.to(DEV), block_r=2, block_v=256, lazy=True, tail=True, group=group
+        x.to(DEV), block_r=2, block_v=256, lazy=True, tail=True, group=group, defer=defer
     )
     out, _ = E.finalize_partials(m, s, t)
     assert rel(out, logits_entropy_ref(x)) < TOL[dtype]

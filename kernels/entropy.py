@@ -203,6 +203,15 @@ if HAS_TRITON:
         return tl.exp(x - safe[:, None])
 
     @triton.jit
+    def _raise_max(m_i, tmax, s, t):
+        """Raise the row max ``m_i [BLOCK_R]`` to include ``tmax`` and rescale the sums
+        ``s``, ``t [BLOCK_R, k]`` to it (a row that is -inf so far has empty sums: alpha 0)."""
+        m_new = tl.maximum(m_i, tmax)
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - safe))
+        return m_new, s * alpha[:, None], t * alpha[:, None]
+
+    @triton.jit
     def _fold_lane(x, m_i, s_v, t_v, LAZY: tl.constexpr, FAST_EXP: tl.constexpr):
         """Fold a float32 tile ``x [BLOCK_R, BLOCK_V]`` into per-lane sums ``s_v``, ``t_v``
         (same shape) and the row max ``m_i [BLOCK_R]``."""
@@ -211,12 +220,7 @@ if HAS_TRITON:
             # rescale only in tiles that raise some row's max: after the first tiles of a
             # row that is rare (tile k of iid logits holds a new max with probability 1/k)
             if tl.sum((tmax > m_i).to(tl.int32), 0) > 0:
-                m_new = tl.maximum(m_i, tmax)
-                safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - safe))
-                s_v = s_v * alpha[:, None]
-                t_v = t_v * alpha[:, None]
-                m_i = m_new
+                m_i, s_v, t_v = _raise_max(m_i, tmax, s_v, t_v)
             safe = tl.where(m_i == float("-inf"), 0.0, m_i)
             p = _exp_shifted(x, safe, FAST_EXP)
             s_v += p
@@ -248,12 +252,7 @@ if HAS_TRITON:
         takes G times fewer registers than per-element sums."""
         tmax = tl.max(tl.max(x, 2), 1)
         if tl.sum((tmax > m_i).to(tl.int32), 0) > 0:
-            m_new = tl.maximum(m_i, tmax)
-            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - safe))
-            s_g = s_g * alpha[:, None]
-            t_g = t_g * alpha[:, None]
-            m_i = m_new
+            m_i, s_g, t_g = _raise_max(m_i, tmax, s_g, t_g)
         p = _exp_shifted3(x, tl.where(m_i == float("-inf"), 0.0, m_i), FAST_EXP)
         s_g += tl.sum(p, 2)
         t_g += tl.sum(p * tl.maximum(x, -3.4e38), 2)

@@ -354,3 +354,37 @@ def test_logits_autotuner_config_sets(monkeypatch):
     monkeypatch.setenv("POLICYLONG_LOGITS_CONFIGS", "grouped")
     with pytest.raises(ValueError, match="POLICYLONG_LOGITS_CONFIGS"):
         E.logits_autotuner()
+
+
+@pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
+def test_grouped_sums_take_fewer_registers_on_sm90(tmp_path):
+    """The point of ``group``: compiled for sm_90 by Triton's own ptxas (no GPU needed), the
+    1×1024 one-warp kernel with grouped sums fits in at most 64 registers per thread (32
+    resident warps per SM), where per-element sums need over 96 (at most 20 warps). Runs in a
+    subprocess: this one has the kernels built for the interpreter."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        pytest.skip(f"this triton wheel ships no cuobjdump ({tool})")
+    examples = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); from sass_logits import compile_sm90\n"
+        "base = dict(BLOCK_R=1, BLOCK_V=1024, LANE=True, LAZY=True, STAGES=1, PROBE=0, TAIL=True)\n"
+        "print(json.dumps([compile_sm90(base, 1, 'bf16'),"
+        " compile_sm90({**base, 'GROUP': True}, 1, 'bf16')]))"
+    )
+    env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
+    log = tmp_path / "sass.log"
+    with open(log, "w") as f:
+        rc = subprocess.run([sys.executable, "-c", code, examples], stdout=f, stderr=f, env=env)
+    out = log.read_text()
+    assert rc.returncode == 0, out[-3000:]
+    lane, grouped = json.loads(out.strip().splitlines()[-1])
+    assert grouped["regs"] <= 64 < 96 < lane["regs"], (lane, grouped)
+    assert grouped["warps_per_sm"] == 32 and lane["spills"] == grouped["spills"] == 0

@@ -268,15 +268,19 @@ if HAS_TRITON:
         above it) or are NaN. s = Σ exp(x - m), t = Σ exp(x - m)·x and m + log s - t/s are the
         same for any reference m; one below the max by < 14.6 costs no float32 range (sums ≤
         2^20 · v) and, m being a logit of the row, nothing that matters underflows. Rows
-        whose reference is still -inf (the first tile, an all -inf prefix) always redo. Saves
-        the tile max (31 FMNMX + 5 shuffle-max per 32 elements on one warp) for 4 compares
-        and one reduction of flags."""
+        whose reference is still -inf (the first tile, an all -inf prefix) always redo, and
+        so do tiles with a -inf logit: p · x is left unclamped here and their t sum is NaN.
+        Saves the tile max (31 FMNMX + 5 shuffle-max per 32 elements on one warp) and the
+        clamp (32 FMNMX) for 8 compares and one reduction of flags: 234 SASS instructions
+        per 32 logits in this path against ~310 in the exact one (sm_90, Triton 3.6), in 63
+        registers."""
         redo = tl.sum((m_i == float("-inf")).to(tl.int32), 0)
         if redo == 0:
             p = _exp_shifted3(x, m_i, FAST_EXP)
             gs = tl.sum(p, 2)
-            gt = tl.sum(p * tl.maximum(x, -3.4e38), 2)
-            redo = tl.sum(tl.sum(tl.where(gs <= 1048576.0, 0, 1), 1), 0)
+            # no -inf clamp: a -inf logit makes its group's p · x NaN (0 · -inf), caught below
+            gt = tl.sum(p * x, 2)
+            redo = tl.sum(tl.sum(tl.where((gs <= 1048576.0) & (gt == gt), 0, 1), 1), 0)
             if redo == 0:
                 s_g += gs
                 t_g += gt
@@ -626,9 +630,9 @@ if HAS_TRITON:
             },
             num_warps=w,
         )
-        # not yet timed on a GPU (registers counted from the sm_90 SASS, Triton 3.6: 63-64,
-        # 56-64, 39-40 for grouped v1024 w1, v2048 w2, v2048 w4; 63-64 and 56 deferred v512
-        # w1, v2048 w4); tried by the autotuner only with POLICYLONG_LOGITS_CONFIGS=all
+        # not yet timed on a GPU; tried by the autotuner only with POLICYLONG_LOGITS_CONFIGS=all.
+        # Registers (sm_90, Triton 3.6, bf16; examples/sass_logits.py): grouped 63-64 at
+        # v1024 w1, 56-64 at v2048 w2, 39 at v2048 w4; deferred 63, 40, 40, 59 in list order
         for bv, w, st, fe, defer in [
             (1024, 1, 1, False, False),
             (1024, 1, 2, False, False),
@@ -637,8 +641,10 @@ if HAS_TRITON:
             (2048, 2, 1, False, False),
             (2048, 2, 2, True, False),
             (2048, 4, 1, True, False),
-            (512, 1, 2, True, True),
+            (1024, 1, 1, True, True),
+            (1024, 2, 1, True, True),
             (2048, 4, 1, True, True),
+            (512, 1, 2, True, True),
         ]
     ]
     _logits_entropy_tuned = triton.autotune(_LOGITS_CONFIGS, key=["v", "size_class"])(

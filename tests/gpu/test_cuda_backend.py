@@ -61,6 +61,7 @@ def test_logits_gpu_variants_match_float64(dtype, tol):
     x[1, 1234] = 3.0
     x[2, : v // 3] = float("-inf")
     x[3] = torch.linspace(-30, 30, v)
+    x[4, 100_000:100_050] = float("-inf")  # defer: a tile redone on its NaN p·x
     x = x.to(dtype)
     variants = [  # block_v, warps, stages, fast_exp, group, defer
         (1024, 1, 2, True, False, False),
@@ -70,6 +71,7 @@ def test_logits_gpu_variants_match_float64(dtype, tol):
         (1024, 1, 2, True, True, False),
         (2048, 2, 1, True, True, False),
         (512, 1, 2, True, True, True),
+        (1024, 1, 1, True, True, True),
         (2048, 4, 1, False, True, True),
     ]
     for block_v, warps, stages, fast_exp, group, defer in variants:

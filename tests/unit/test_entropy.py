@@ -175,6 +175,7 @@ def test_logits_entropy_matches_float64(dtype, backend):
         (True, True, 2, True, 2, True, True),
     ],
 )
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
 def test_triton_logits_variants_exact_cases(lane, lazy, stages, tail, splits, group, defer):
     """Every loop structure of the logits kernel (per-row sums, per-lane sums, per-lane with
     lazy rescaling, pipelined loads, unmasked whole tiles + a masked tail, sums grouped per
@@ -182,7 +183,9 @@ def test_triton_logits_variants_exact_cases(lane, lazy, stages, tail, splits, gr
     over programs and merged, on -inf rows (one split sees only -inf in row 1), a one-hot
     row, a uniform row, a row whose max rises in every tile (forces the lazy rescale; the
     deferred fold redoes tiles once it is 14 above its reference), a spike of 45 in a late
-    tile, a ragged last tile and rows past n in the last block (7 rows, BLOCK_R = 4)."""
+    tile, -inf logits in a middle tile (the deferred fold skips the clamp and redoes the
+    tile on the NaN), a ragged last tile and rows past n in the last block (7 rows, BLOCK_R
+    = 4)."""
     x = torch.randn(7, 777)
     x[0] = 0.0
     x[1] = float("-inf")
@@ -190,6 +193,7 @@ def test_triton_logits_variants_exact_cases(lane, lazy, stages, tail, splits, gr
     x[2, :400] = float("-inf")
     x[5] = torch.linspace(-20, 20, 777)  # a new max in every tile
     x[6, 650] = 45.0
+    x[4, 500:520] = float("-inf")  # -inf after the reference is set: NaN p·x, tile redone
     m, s, t = E.logits_entropy_partials_triton(
         x.to(DEV),
         block_r=4,

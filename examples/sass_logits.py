@@ -37,6 +37,8 @@ def compile_sm90(consts: dict, num_warps: int, dtype: str) -> dict:
 
     # constexprs with defaults must be named too (ASTSource does not fill them in)
     consts = {"FAST_EXP": False, "GROUP": False, "DEFER": False, **consts}
+    # as the launcher and the autotuner's heuristic do for aligned bf16 rows
+    consts.setdefault("PAIRS", bool(consts["DEFER"]) and dtype == "bf16")
     sig = {"X": f"*{dtype}", "OUT_M": "*fp32", "OUT_S": "*fp32", "OUT_T": "*fp32"}
     sig.update({k: "i32" for k in ("n", "v", "stride_x", "v_per_split", "n_splits")})
     sig["size_class"] = "i32"
@@ -86,6 +88,8 @@ def _configs(sweep: bool):
             "GROUP": kw.get("group", False) or kw.get("defer", False),
             "DEFER": kw.get("defer", False),
         }
+        if kw.get("pairs") is False:
+            consts["PAIRS"] = False
         yield name, consts, kw.get("num_warps", 4)
 
 

@@ -45,9 +45,9 @@ def test_hf_backend_cuda_matches_cpu():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-3)])
 def test_logits_gpu_variants_match_float64(dtype, tol):
     """The inline-PTX ``ex2.approx.ftz`` variant (CUDA only), the per-thread grouped sums and
-    the deferred max, compiled, on the exact cases (uniform row: log v; one-hot row among -inf:
-    exactly 0; a row whose max rises in every tile) and random rows at the Qwen2.5 vocabulary,
-    against the float64 reference."""
+    the deferred max (bf16: with and without int32 pairs), compiled, on the exact cases
+    (uniform row: log v; one-hot row among -inf: exactly 0; a row whose max rises in every
+    tile) and random rows at the Qwen2.5 vocabulary, against the float64 reference."""
     import math
 
     import policylong.kernels.entropy as E
@@ -63,18 +63,19 @@ def test_logits_gpu_variants_match_float64(dtype, tol):
     x[3] = torch.linspace(-30, 30, v)
     x[4, 100_000:100_050] = float("-inf")  # defer: a tile redone on its NaN p·x
     x = x.to(dtype)
-    variants = [  # block_v, warps, stages, fast_exp, group, defer
-        (1024, 1, 2, True, False, False),
-        (512, 1, 2, True, False, False),
-        (2048, 4, 2, True, False, False),
-        (1024, 1, 1, False, True, False),
-        (1024, 1, 2, True, True, False),
-        (2048, 2, 1, True, True, False),
-        (512, 1, 2, True, True, True),
-        (1024, 1, 1, True, True, True),
-        (2048, 4, 1, False, True, True),
+    variants = [  # block_v, warps, stages, fast_exp, group, defer, pairs (None: bf16 auto)
+        (1024, 1, 2, True, False, False, None),
+        (512, 1, 2, True, False, False, None),
+        (2048, 4, 2, True, False, False, None),
+        (1024, 1, 1, False, True, False, None),
+        (1024, 1, 2, True, True, False, None),
+        (2048, 2, 1, True, True, False, None),
+        (512, 1, 2, True, True, True, None),
+        (1024, 1, 1, True, True, True, None),
+        (1024, 1, 1, True, True, True, False),
+        (2048, 4, 1, False, True, True, None),
     ]
-    for block_v, warps, stages, fast_exp, group, defer in variants:
+    for block_v, warps, stages, fast_exp, group, defer, pairs in variants:
         m, s, t = E.logits_entropy_partials_triton(
             x.cuda(),
             block_r=1,
@@ -85,6 +86,7 @@ def test_logits_gpu_variants_match_float64(dtype, tol):
             fast_exp=fast_exp,
             group=group,
             defer=defer,
+            pairs=pairs,
         )
         out = E.finalize_partials(m, s, t)[0].cpu()
         ref = logits_entropy_ref(x)

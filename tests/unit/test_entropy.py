@@ -213,6 +213,39 @@ def test_triton_logits_variants_exact_cases(lane, lazy, stages, tail, splits, gr
 
 
 @pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
+@pytest.mark.parametrize("v,offset", [(778, 0), (777, 0), (778, 1)])
+def test_triton_logits_bf16_pairs(v, offset):
+    """``defer`` on bf16 reads two logits per int32 word where rows allow it (even stride,
+    4-byte aligned start; here v = 778) and falls back to bf16 loads where they do not (odd
+    v = 777; a view starting one element in): the exact cases of the variants test, against
+    float64 on the same bf16 values, and the same partials as ``pairs=False`` up to
+    summation order."""
+    base = torch.randn(7, v + offset)
+    base[:, offset:][0] = 0.0
+    x = base[:, offset:]
+    x[1] = float("-inf")
+    x[1, 700] = 3.0
+    x[2, :400] = float("-inf")
+    x[5] = torch.linspace(-20, 20, v)
+    x[6, 650] = 45.0
+    x[4, 500:520] = float("-inf")
+    x[3, 1::2] = float("-inf")  # every word holds one -inf logit: each tile redone
+    xb = base.to(torch.bfloat16).to(DEV)[:, offset:]
+    assert E._pairs_ok(xb) == (v % 2 == 0 and offset == 0)
+    kw = dict(block_r=4, block_v=128, defer=True, tail=True)
+    out, _ = E.finalize_partials(*E.logits_entropy_partials_triton(xb, **kw))
+    out = out.cpu()
+    assert abs(float(out[0]) - math.log(v)) < 1e-5 and float(out[1]) == 0.0
+    assert rel(out, logits_entropy_ref(xb.cpu())) < 1e-6
+    plain, _ = E.finalize_partials(*E.logits_entropy_partials_triton(xb, pairs=False, **kw))
+    assert rel(out, plain.cpu()) < 1e-6
+    if not E._pairs_ok(xb):
+        with pytest.raises(ValueError, match="pairs=True needs"):
+            E.logits_entropy_partials_triton(xb, pairs=True, **kw)
+
+
+@pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
 def test_fast_exp_is_cuda_only():
     if DEV == "cuda":
         pytest.skip("checks the interpreter's error (tests/gpu runs the variant)")
@@ -223,6 +256,7 @@ def test_fast_exp_is_cuda_only():
 @pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group,defer", [(False, False), (True, False), (True, True)])
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
 def test_triton_logits_lazy_dtypes(dtype, group, defer):
     """Lazy per-lane sums on every input dtype; ``group`` adds 8 (bf16/fp16) or 4 (fp32)
     neighbouring elements per thread first; ``defer`` skips the tile max (9 rows over

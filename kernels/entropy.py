@@ -277,7 +277,9 @@ if HAS_TRITON:
     @triton.jit
     def _fold_group_deferred(x, x2, m_i, s_g, t_g, FAST_EXP: tl.constexpr, PAIRS: tl.constexpr):
         """:func:`_fold_group_exact` without the tile max; returns ``redo`` > 0 (and the sums
-        untouched) when the tile must be folded the exact way instead.
+        untouched) when the tile must be folded the exact way instead. With ``PAIRS`` the
+        tile comes as its even (``x``) and odd (``x2``) bf16 logits, ``[BLOCK_R, BLOCK_V / G,
+        G / 2]`` each; otherwise ``x2`` is unused.
 
         ``m_i`` is a reference here, not the running max: the exact max of the first tile(s),
         raised only when a tile's group sums of exp(x - m_i) pass 2^20 (a logit more than ~14
@@ -289,7 +291,7 @@ if HAS_TRITON:
         Saves the tile max (31 FMNMX + 5 shuffle-max per 32 elements on one warp) and the
         clamp (32 FMNMX) for 8 compares and one reduction of flags, and the shift and scale
         of the exponent fuse into one FFMA: 203 SASS instructions per 32 logits in this path
-        against ~310 in the exact one (sm_90, Triton 3.6), in 64 registers."""
+        (185 with PAIRS) against ~310 in the exact one (sm_90, Triton 3.6), in 64 registers."""
         redo = tl.sum((m_i == float("-inf")).to(tl.int32), 0)
         if redo == 0:
             gs, gt = _deferred_sums(x, m_i, FAST_EXP)
@@ -338,8 +340,11 @@ if HAS_TRITON:
         ``GROUP`` (lazy, unmasked whole tiles): the tile is loaded as ``[BLOCK_R, BLOCK_V / G,
         G]``, G the elements of one thread's 16-byte load, and each group is added in
         registers before it reaches the per-lane sums ``[BLOCK_R, BLOCK_V / G]`` — per-element
-        sums hold 64 of the 119 registers of the BLOCK_V = 1024 one-warp kernel, which caps an
-        SM at 17 resident warps and so at 34 KB of loads in flight (sm_90 SASS).
+        sums hold 64 of the 118 registers of the BLOCK_V = 1024 one-warp kernel, which caps an
+        SM at 17 resident warps and so at 34 KB of loads in flight (sm_90 SASS). ``DEFER``
+        (with ``GROUP``): whole tiles skip the tile max and the -inf clamp, taking exp against
+        a checked reference (:func:`_fold_group_deferred`); ``PAIRS`` (with ``DEFER``, bf16
+        rows 4-byte aligned) reads those tiles as int32 words of two logits.
         ``STAGES`` > 1 software-pipelines the loads. ``PROBE`` = 1 is a bandwidth
         probe for benchmarks only (sums x, no exp; its partials are not an entropy).
 
@@ -787,19 +792,25 @@ def logits_entropy_partials_triton(
     class of n); the keyword arguments pick one variant of the kernel (tests, the benchmark's
     sweep). ``splits`` vocabulary ranges run as separate programs and merge in one more
     launch (default 1: on an H200 splitting 2K rows 8 ways read 0.69 of copy bandwidth
-    against 0.72 unsplit, 2026-11-27). ``fast_exp`` (CUDA only, per-lane sums): one
-    ``ex2.approx.ftz`` per element instead of ``tl.exp``'s range-tested form; not yet timed on
-    a GPU, so no autotune config uses it. ``group`` (implies ``lazy`` and ``tail``): each
-    thread adds the elements of its 16-byte load in registers before they reach the per-lane
-    sums, so the sums take 8× (bf16/fp16) or 4× (fp32) fewer registers: 63 instead of 119 per
-    thread at BLOCK_V = 1024 on one warp (sm_90 SASS, Triton 3.9), which doubles the warps an
-    SM holds (65,536 registers: 17 → 32) and so the loads in flight; not yet timed on a GPU.
-    ``defer`` (implies ``group``): no per-tile max; exp is taken against a reference that is
-    corrected only when a tile's sums reveal a logit far above it (see the kernel's
-    ``_fold_group_deferred``); not yet timed on a GPU. ``pairs`` (with ``defer``; default:
-    whenever the logits are bf16 with 4-byte aligned rows): the common path loads two bf16
-    logits per int32 word and widens them with one shift or one mask each (185 instead of
-    201 SASS instructions per 32 logits)."""
+    against 0.72 unsplit, 2026-11-27).
+
+    Not yet timed on a GPU, so only the candidate configs (``POLICYLONG_LOGITS_CONFIGS=all``,
+    see :func:`logits_autotuner`) use them:
+
+    - ``fast_exp`` (CUDA only, per-lane sums): one ``ex2.approx.ftz`` per element instead of
+      ``tl.exp``'s range-tested form.
+    - ``group`` (implies ``lazy`` and ``tail``): each thread adds the elements of its 16-byte
+      load in registers before they reach the per-lane sums, so the sums take 8× (bf16/fp16)
+      or 4× (fp32) fewer registers: 63 instead of 119 per thread at BLOCK_V = 1024 on one
+      warp (sm_90 SASS, Triton 3.9), which doubles the warps an SM holds (65,536 registers:
+      17 → 32) and so the loads in flight.
+    - ``defer`` (implies ``group``): no per-tile max; exp is taken against a reference that
+      is corrected only when a tile's sums reveal a logit far above it (see the kernel's
+      ``_fold_group_deferred``).
+    - ``pairs`` (with ``defer``; default: whenever the logits are bf16 with 4-byte aligned
+      rows): the common path loads two bf16 logits per int32 word and widens them with one
+      shift or one mask each (185 instead of 201 SASS instructions per 32 logits).
+    """
     if pairs and not (defer and _pairs_ok(logits)):
         raise ValueError(
             "pairs=True needs defer=True and bf16 logits with 4-byte aligned rows, got "

@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used,memory.total --form
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 if [ "${TESTS:-1}" = 1 ]; then
 echo "== (1) tests (compiled Triton on CUDA, fixed config)"
-(cd /tmp && POLICYLONG_TRITON_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-110}" python3 -m pytest -q \
+(cd /tmp && POLICYLONG_TRITON_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q \
     -p no:cacheprovider -rfEs -x "$REPO/tests/unit/test_entropy.py" "$REPO/tests/gpu" 2>&1 \
     | tee "$OUT/pytest.log" | tail -15)
 fi

@@ -337,6 +337,7 @@ LOGITS_VARIANTS = dict(  # name -> keyword arguments of logits_entropy_partials_
             (512, 1, 1, True, None),
             (512, 1, 2, True, None),
             (1024, 2, 1, True, None),
+            (1024, 2, 2, True, None),
             (1024, 2, 1, True, False),
             (2048, 4, 1, True, None),
             (2048, 4, 2, True, None),

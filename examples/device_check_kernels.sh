@@ -3,7 +3,7 @@
 #   bash examples/device_check_kernels.sh          # tests, variant sweep, autotuned grid
 #   SWEEP=0 bash examples/device_check_kernels.sh  # tests + the autotuned grid of the issue
 #   SWEEP_KERNELS=logits GRID_KERNELS=logits CHUNKED=0 bash examples/device_check_kernels.sh
-#       # the logits kernel only: its 36 variants at n = 2K/8K/32K × v = 151,936/128,256
+#       # the logits kernel only: its 37 variants at n = 2K/8K/32K × v = 151,936/128,256
 #       # (about 2 minutes on an H200 by the compile and bench times of 2026-11-27), then the
 #       # autotuned grid with the timed configs and with the candidates too (3b)
 # Phases (each with its own timeout, logs under $OUT): (1) the kernel tests compiled on CUDA

@@ -688,16 +688,18 @@ if HAS_TRITON:
             (512, 1, 2, True, True),
         ]
     ]
-    _logits_entropy_tuned = triton.autotune(_LOGITS_CONFIGS, key=["v", "size_class"])(
-        _logits_entropy_kernel
-    )
-    _logits_entropy_tuned_all = triton.autotune(
-        _LOGITS_CONFIGS + _LOGITS_CANDIDATES, key=["v", "size_class"]
-    )(
-        triton.heuristics({"PAIRS": lambda args: bool(args.get("DEFER")) and _pairs_ok(args["X"])})(
-            _logits_entropy_kernel
+
+    def _logits_tuner(configs):
+        """The logits kernel autotuned over ``configs`` per (v, size class of n, dtype); a
+        deferred config reads aligned bf16 rows as int32 pairs (``PAIRS``, decided per
+        launch from the tensor)."""
+        pairs = triton.heuristics(
+            {"PAIRS": lambda args: bool(args.get("DEFER")) and _pairs_ok(args["X"])}
         )
-    )
+        return triton.autotune(configs, key=["v", "size_class"])(pairs(_logits_entropy_kernel))
+
+    _logits_entropy_tuned = _logits_tuner(_LOGITS_CONFIGS)
+    _logits_entropy_tuned_all = _logits_tuner(_LOGITS_CONFIGS + _LOGITS_CANDIDATES)
 
 
 def logits_autotuner():

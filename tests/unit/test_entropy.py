@@ -426,3 +426,36 @@ def test_grouped_sums_take_fewer_registers_on_sm90(tmp_path):
     lane, grouped = json.loads(out.strip().splitlines()[-1])
     assert grouped["regs"] <= 64 < 96 < lane["regs"], (lane, grouped)
     assert grouped["warps_per_sm"] == 32 and lane["spills"] == grouped["spills"] == 0
+
+
+@pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_logits_autotuner_configs_each_correct(dtype, monkeypatch):
+    """Every timed and candidate config, launched through the autotuner's own wrapper (one
+    config per tuner, so no benchmarking) as on a GPU: the PAIRS heuristic sees the config's
+    DEFER and the tensor (bf16 aligned rows: pairs on; fp32: off) and each config's entropy
+    matches float64. fast_exp is inline PTX, so it is swapped for tl.exp2 here (tests/gpu
+    runs it compiled)."""
+    import triton
+
+    if DEV == "cuda":
+        pytest.skip("the interpreter's run of the tuner path (a GPU benchmarks it instead)")
+    seen = []
+    real = E._pairs_ok
+    monkeypatch.setattr(E, "_pairs_ok", lambda x: seen.append(real(x)) or seen[-1])
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(5, 3000, generator=g) * 3).to(dtype)
+    x[1, 2100:2110] = float("-inf")
+    x[2, 2900] = 40.0
+    ref = logits_entropy_ref(x)
+    n, v = x.shape
+    for c in E._LOGITS_CONFIGS + E._LOGITS_CANDIDATES:
+        cfg = triton.Config({**c.kwargs, "FAST_EXP": False}, num_warps=c.num_warps)
+        pm, ps, pt = (torch.full((1, n), float("nan")) for _ in range(3))
+        seen.clear()
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_R"]), 1)  # noqa: E731
+        E._logits_tuner([cfg])[grid](x, pm, ps, pt, n, v, x.stride(0), 4096, 1, 0)
+        out, _ = E.finalize_partials(pm[0], ps[0], pt[0])
+        assert rel(out, ref) < 1e-6, c
+        assert seen == ([dtype == torch.bfloat16] if c.kwargs.get("DEFER") else []), c

@@ -345,12 +345,8 @@ LOGITS_VARIANTS = dict(  # name -> keyword arguments of logits_entropy_partials_
         ]
     ]
 )
-LOGITS_VARIANTS.update(
-    {
-        "probe r1 v2048 w4 (sum only)": dict(
-            block_r=1, block_v=2048, lane=True, num_warps=4, probe=1
-        ),
-    }
+LOGITS_VARIANTS["probe r1 v2048 w4 (sum only)"] = dict(
+    block_r=1, block_v=2048, lane=True, num_warps=4, probe=1
 )
 
 

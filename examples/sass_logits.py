@@ -17,6 +17,7 @@ many loads are in flight; benchmarks/KERNELS.md has the table this printed on 20
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import subprocess
@@ -36,9 +37,8 @@ def compile_sm90(consts: dict, num_warps: int, dtype: str) -> dict:
     import policylong.kernels.entropy as E
 
     # constexprs with defaults must be named too (ASTSource does not fill them in)
-    consts = {"FAST_EXP": False, "GROUP": False, "DEFER": False, **consts}
-    # as the launcher and the autotuner's heuristic do for aligned bf16 rows
-    consts.setdefault("PAIRS", bool(consts["DEFER"]) and dtype == "bf16")
+    params = inspect.signature(E._logits_entropy_kernel.fn).parameters.values()
+    consts = {p.name: p.default for p in params if p.default is not p.empty} | consts
     sig = {"X": f"*{dtype}", "OUT_M": "*fp32", "OUT_S": "*fp32", "OUT_T": "*fp32"}
     sig.update({k: "i32" for k in ("n", "v", "stride_x", "v_per_split", "n_splits")})
     sig["size_class"] = "i32"
@@ -61,7 +61,9 @@ def compile_sm90(consts: dict, num_warps: int, dtype: str) -> dict:
     return {"regs": regs, "instrs": instrs, "spills": sass.count("STL"), "warps_per_sm": warps}
 
 
-def _configs(sweep: bool):
+def _configs(sweep: bool, dtype: str):
+    """(name, constexprs, num_warps) of the autotune configs or of the sweep variants; PAIRS
+    as the launcher and the autotuner's heuristic decide it for aligned bf16 rows."""
     import policylong.kernels.entropy as E
 
     if not sweep:
@@ -70,27 +72,20 @@ def _configs(sweep: bool):
             name = f"r{kw['BLOCK_R']} v{kw['BLOCK_V']} w{c.num_warps} s{kw['STAGES']}"
             name += "".join(f" {f.lower()}" for f in ("GROUP", "DEFER", "FAST_EXP") if kw.get(f))
             tag = "candidate" if c in E._LOGITS_CANDIDATES else "timed"
-            yield f"{name} ({tag})", dict(kw), c.num_warps
+            pairs = bool(kw.get("DEFER")) and dtype == "bf16"
+            yield f"{name} ({tag})", {**kw, "PAIRS": pairs}, c.num_warps
         return
     sys.path.insert(0, os.path.join(ROOT, "examples"))
     from bench_kernels import LOGITS_VARIANTS
 
     for name, kw in LOGITS_VARIANTS.items():
-        consts = {
-            "BLOCK_R": kw["block_r"],
-            "BLOCK_V": kw["block_v"],
-            "LANE": True,
-            "LAZY": kw.get("lazy", False),
-            "STAGES": kw.get("stages", 1),
-            "PROBE": kw.get("probe", 0),
-            "TAIL": kw.get("tail", False),
-            "FAST_EXP": kw.get("fast_exp", False),
-            "GROUP": kw.get("group", False) or kw.get("defer", False),
-            "DEFER": kw.get("defer", False),
-        }
-        if kw.get("pairs") is False:
-            consts["PAIRS"] = False
-        yield name, consts, kw.get("num_warps", 4)
+        kw = dict(kw)
+        warps = kw.pop("num_warps", 4)
+        kw.pop("splits", None)
+        pairs = kw.pop("pairs", None)
+        if pairs is None:
+            pairs = kw.get("defer", False) and dtype == "bf16"
+        yield name, E.logits_kernel_meta(pairs=pairs, **kw), warps
 
 
 def main() -> None:
@@ -104,7 +99,7 @@ def main() -> None:
 
     print(f"triton {triton.__version__}, sm_90, {args.dtype}")
     print(f"{'regs':>5} {'warps/SM':>8} {'SASS':>6} {'spills':>6}  config")
-    for name, consts, warps in _configs(args.sweep):
+    for name, consts, warps in _configs(args.sweep, DTYPES[args.dtype]):
         r = compile_sm90(consts, warps, DTYPES[args.dtype])
         print(
             f"{r['regs']:>5} {r['warps_per_sm']:>8} {r['instrs']:>6} {r['spills']:>6}  {name}",

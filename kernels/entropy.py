@@ -182,6 +182,7 @@ def _interpreting() -> bool:
 
 
 if HAS_TRITON:
+    LOG2E = tl.constexpr(1.4426950408889634)
 
     @triton.jit
     def _ex2_ftz(x):
@@ -195,12 +196,12 @@ if HAS_TRITON:
         )
 
     @triton.jit
-    def _exp_shifted(x, safe, FAST_EXP: tl.constexpr):
-        """exp(x - safe[:, None]); with FAST_EXP one ex2.approx.ftz per element ((x - m) ·
-        log2(e) is exactly 0 at the max, so p = 1 there exactly)."""
+    def _exp_shifted(x, ref, FAST_EXP: tl.constexpr):
+        """exp(x - ref), ``ref`` broadcast to x's rank; with FAST_EXP one ex2.approx.ftz per
+        element ((x - m) · log2(e) is exactly 0 at the max, so p = 1 there exactly)."""
         if FAST_EXP:
-            return _ex2_ftz((x - safe[:, None]) * 1.4426950408889634)
-        return tl.exp(x - safe[:, None])
+            return _ex2_ftz((x - ref) * LOG2E)
+        return tl.exp(x - ref)
 
     @triton.jit
     def _raise_max(m_i, tmax, s, t):
@@ -221,28 +222,14 @@ if HAS_TRITON:
             # row that is rare (tile k of iid logits holds a new max with probability 1/k)
             if tl.sum((tmax > m_i).to(tl.int32), 0) > 0:
                 m_i, s_v, t_v = _raise_max(m_i, tmax, s_v, t_v)
-            safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-            p = _exp_shifted(x, safe, FAST_EXP)
-            s_v += p
-            # -inf logits have p = 0; clamping them to -FLT_MAX keeps p · x at 0 (not NaN)
-            # with one max instead of a compare and a select
-            t_v += p * tl.maximum(x, -3.4e38)
         else:
-            m_new = tl.maximum(m_i, tmax)
-            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - safe))
-            p = _exp_shifted(x, safe, FAST_EXP)
-            s_v = s_v * alpha[:, None] + p
-            t_v = t_v * alpha[:, None] + p * tl.maximum(x, -3.4e38)
-            m_i = m_new
+            m_i, s_v, t_v = _raise_max(m_i, tmax, s_v, t_v)
+        p = _exp_shifted(x, tl.where(m_i == float("-inf"), 0.0, m_i)[:, None], FAST_EXP)
+        s_v += p
+        # -inf logits have p = 0; clamping them to -FLT_MAX keeps p · x at 0 (not NaN) with
+        # one max instead of a compare and a select
+        t_v += p * tl.maximum(x, -3.4e38)
         return m_i, s_v, t_v
-
-    @triton.jit
-    def _exp_shifted3(x, safe, FAST_EXP: tl.constexpr):
-        """exp(x - safe[:, None, None]) of a grouped tile (see :func:`_exp_shifted`)."""
-        if FAST_EXP:
-            return _ex2_ftz((x - safe[:, None, None]) * 1.4426950408889634)
-        return tl.exp(x - safe[:, None, None])
 
     @triton.jit
     def _fold_group_exact(x, m_i, s_g, t_g, FAST_EXP: tl.constexpr):
@@ -253,7 +240,7 @@ if HAS_TRITON:
         tmax = tl.max(tl.max(x, 2), 1)
         if tl.sum((tmax > m_i).to(tl.int32), 0) > 0:
             m_i, s_g, t_g = _raise_max(m_i, tmax, s_g, t_g)
-        p = _exp_shifted3(x, tl.where(m_i == float("-inf"), 0.0, m_i), FAST_EXP)
+        p = _exp_shifted(x, tl.where(m_i == float("-inf"), 0.0, m_i)[:, None, None], FAST_EXP)
         s_g += tl.sum(p, 2)
         t_g += tl.sum(p * tl.maximum(x, -3.4e38), 2)
         return m_i, s_g, t_g
@@ -265,11 +252,11 @@ if HAS_TRITON:
         # rounding of m·log2(e), |r| ≤ 4e-6 for |m| < 64, the same factor for every logit
         # of the tile; exactness cases (one-hot: the hot logit sets m in the exact path)
         # are unaffected
-        mc = (m_i * 1.4426950408889634)[:, None, None]
+        mc = (m_i * LOG2E)[:, None, None]
         if FAST_EXP:
-            p = _ex2_ftz(x * 1.4426950408889634 - mc)
+            p = _ex2_ftz(x * LOG2E - mc)
         else:
-            p = tl.exp2(x * 1.4426950408889634 - mc)
+            p = tl.exp2(x * LOG2E - mc)
         # no -inf clamp: a -inf logit makes its group's p · x NaN (0 · -inf), caught by the
         # caller
         return tl.sum(p, 2), tl.sum(p * x, 2)
@@ -386,21 +373,19 @@ if HAS_TRITON:
                     rows3, n - 1
                 ).to(tl.int64) * (stride_x // 2)
             for vs in tl.range(v0, v_main, BLOCK_V, num_stages=STAGES):
-                if DEFER and PAIRS:
-                    w = tl.load(base_w + (vs // 2 + offs_w))
-                    lo = (w << 16).to(tl.float32, bitcast=True)
-                    hi = (w & -65536).to(tl.float32, bitcast=True)
+                if DEFER:
+                    if PAIRS:
+                        w = tl.load(base_w + (vs // 2 + offs_w))
+                        lo = (w << 16).to(tl.float32, bitcast=True)
+                        hi = (w & -65536).to(tl.float32, bitcast=True)
+                    else:
+                        lo = tl.load(base_ld + (vs + offs)).to(tl.float32)
+                        hi = lo
                     m_i, s_v, t_v, redo = _fold_group_deferred(
-                        lo, hi, m_i, s_v, t_v, FAST_EXP, True
+                        lo, hi, m_i, s_v, t_v, FAST_EXP, PAIRS
                     )
                     if redo > 0:
-                        x = tl.load(base_ld + (vs + offs)).to(tl.float32)
-                        m_i, s_v, t_v = _fold_group_exact(x, m_i, s_v, t_v, FAST_EXP)
-                elif DEFER:
-                    x = tl.load(base_ld + (vs + offs)).to(tl.float32)
-                    m_i, s_v, t_v, redo = _fold_group_deferred(x, x, m_i, s_v, t_v, FAST_EXP, False)
-                    if redo > 0:
-                        # load the tile again (from cache) rather than keep x live through the
+                        # load the tile again (from cache) rather than keep it live through the
                         # deferred fold: that took 93 registers instead of 64 (sm_90 SASS)
                         x = tl.load(base_ld + (vs + offs)).to(tl.float32)
                         m_i, s_v, t_v = _fold_group_exact(x, m_i, s_v, t_v, FAST_EXP)
@@ -761,6 +746,15 @@ def _pairs_ok(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0
 
 
+def _split_partials(v: int, n: int, splits: int, quantum: int, device: torch.device):
+    """``v_per_split`` (whole ``quantum``-wide tiles, so only the last split has a ragged
+    one) for up to ``splits`` vocabulary ranges, and the partial buffers ``P* [S, n]`` of the
+    S ranges that are left (fewer than asked when v is small)."""
+    v_per_split = triton.cdiv(triton.cdiv(v, splits), quantum) * quantum
+    S = triton.cdiv(v, v_per_split)
+    return v_per_split, tuple(_alloc((S, n), device) for _ in range(3))
+
+
 def _merge_splits(pm: torch.Tensor, ps: torch.Tensor, pt: torch.Tensor):
     """(m, s, t) [n] from per-split partials [S, n] (one Triton launch; S = 1 is a view)."""
     S, n = pm.shape
@@ -829,9 +823,8 @@ def logits_entropy_partials_triton(
     # whole tiles per split (2048: the largest BLOCK_V of the configs), so only the last
     # split has a ragged tile
     quantum = 2048 if tuned else (block_v or 2048)
-    v_per_split = triton.cdiv(triton.cdiv(v, splits), quantum) * quantum
-    S = triton.cdiv(v, v_per_split)
-    pm, ps, pt = (_alloc((S, n), logits.device) for _ in range(3))
+    v_per_split, (pm, ps, pt) = _split_partials(v, n, splits, quantum, logits.device)
+    S = pm.shape[0]
     # tuned apart: up to 4K rows, up to 16K, more (the best tile width differs, see configs)
     size_class = 0 if n <= 4096 else (1 if n <= 16384 else 2)
     args = (logits, pm, ps, pt, n, v, logits.stride(0), v_per_split, S, size_class)
@@ -839,23 +832,53 @@ def logits_entropy_partials_triton(
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_R"]), S)  # noqa: E731
         logits_autotuner()[grid](*args)
         return _merge_splits(pm, ps, pt)
-    block_r, block_v = block_r or 4, block_v or 2048
-    _logits_entropy_kernel[(triton.cdiv(n, block_r), S)](
-        *args,
+    meta = logits_kernel_meta(
+        block_r or 4,
+        block_v or 2048,
+        lane=lane,
+        lazy=lazy,
+        stages=stages,
+        probe=probe,
+        tail=tail,
+        fast_exp=fast_exp,
+        group=group,
+        defer=defer,
+        pairs=_pairs_ok(logits) if pairs is None and defer else bool(pairs),
+    )
+    grid = (triton.cdiv(n, meta["BLOCK_R"]), S)
+    _logits_entropy_kernel[grid](*args, **meta, num_warps=num_warps or 4)
+    return _merge_splits(pm, ps, pt)
+
+
+def logits_kernel_meta(
+    block_r: int,
+    block_v: int,
+    lane: bool = False,
+    lazy: bool = False,
+    stages: int = 1,
+    probe: int = 0,
+    tail: bool = False,
+    fast_exp: bool = False,
+    group: bool = False,
+    defer: bool = False,
+    pairs: bool = False,
+) -> dict:
+    """The logits kernel's constexprs for the keyword options of
+    :func:`logits_entropy_partials_triton` (``pairs`` already decided): what the launcher
+    passes, and what ``examples/sass_logits.py`` compiles."""
+    return dict(
         BLOCK_R=block_r,
         BLOCK_V=block_v,
         LANE=lane or lazy or tail or fast_exp or group or defer,
-        GROUP=group or defer,
-        DEFER=defer,
-        PAIRS=_pairs_ok(logits) if pairs is None and defer else bool(pairs),
         LAZY=lazy,
-        FAST_EXP=fast_exp,
-        TAIL=tail,
         STAGES=stages,
         PROBE=probe,
-        num_warps=num_warps or 4,
+        TAIL=tail,
+        FAST_EXP=fast_exp,
+        GROUP=group or defer,
+        DEFER=defer,
+        PAIRS=pairs,
     )
-    return _merge_splits(pm, ps, pt)
 
 
 SPLIT_QUANTUM = 256
@@ -932,9 +955,8 @@ def linear_entropy_partials_triton(
         _set_tma_allocator(hidden.device)
     quantum = SPLIT_QUANTUM if tuned else block_n
     S = splits or _num_splits(n, block_m, v, hidden.device)
-    v_per_split = triton.cdiv(triton.cdiv(v, S), quantum) * quantum
-    S = triton.cdiv(v, v_per_split)
-    pm, ps, pt = (_alloc((S, n), hidden.device) for _ in range(3))
+    v_per_split, (pm, ps, pt) = _split_partials(v, n, S, quantum, hidden.device)
+    S = pm.shape[0]
     # autotune key beside (d, v): a size class, not n itself (screening sees a new n in
     # nearly every call, and each new key re-benchmarks every config)
     # (up to 8 row blocks, up to 64, more: 32K rows tune apart from 2K-8K ones)

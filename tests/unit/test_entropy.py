@@ -157,6 +157,20 @@ def test_logits_entropy_matches_float64(dtype, backend):
     assert rel(out, logits_entropy_ref(x)) < TOL[dtype]
 
 
+def _exact_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows 0, 1, 2, 4, 5, 6 of ``x [7, v ≥ 700]`` (in place): uniform (entropy log v);
+    one-hot among -inf (exactly 0); a -inf prefix; -inf logits in a middle tile (the
+    deferred fold's NaN redo); a new max in every tile; a spike of 45 in a late tile."""
+    x[0] = 0.0
+    x[1] = float("-inf")
+    x[1, 700] = 3.0
+    x[2, :400] = float("-inf")
+    x[4, 500:520] = float("-inf")
+    x[5] = torch.linspace(-20, 20, x.shape[1])
+    x[6, 650] = 45.0
+    return x
+
+
 @pytest.mark.skipif(not E.HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
     "lane,lazy,stages,tail,splits,group,defer",
@@ -186,14 +200,7 @@ def test_triton_logits_variants_exact_cases(lane, lazy, stages, tail, splits, gr
     tile, -inf logits in a middle tile (the deferred fold skips the clamp and redoes the
     tile on the NaN), a ragged last tile and rows past n in the last block (7 rows, BLOCK_R
     = 4)."""
-    x = torch.randn(7, 777)
-    x[0] = 0.0
-    x[1] = float("-inf")
-    x[1, 700] = 3.0
-    x[2, :400] = float("-inf")
-    x[5] = torch.linspace(-20, 20, 777)  # a new max in every tile
-    x[6, 650] = 45.0
-    x[4, 500:520] = float("-inf")  # -inf after the reference is set: NaN p·x, tile redone
+    x = _exact_rows(torch.randn(7, 777))
     m, s, t = E.logits_entropy_partials_triton(
         x.to(DEV),
         block_r=4,
@@ -222,14 +229,7 @@ def test_triton_logits_bf16_pairs(v, offset):
     float64 on the same bf16 values, and the same partials as ``pairs=False`` up to
     summation order."""
     base = torch.randn(7, v + offset)
-    base[:, offset:][0] = 0.0
-    x = base[:, offset:]
-    x[1] = float("-inf")
-    x[1, 700] = 3.0
-    x[2, :400] = float("-inf")
-    x[5] = torch.linspace(-20, 20, v)
-    x[6, 650] = 45.0
-    x[4, 500:520] = float("-inf")
+    x = _exact_rows(base[:, offset:])
     x[3, 1::2] = float("-inf")  # every word holds one -inf logit: each tile redone
     xb = base.to(torch.bfloat16).to(DEV)[:, offset:]
     assert E._pairs_ok(xb) == (v % 2 == 0 and offset == 0)

@@ -298,6 +298,10 @@ LOGITS_VARIANTS = dict(  # name -> keyword arguments of logits_entropy_partials_
             # per-element lane sums (the autotuned configs; 118 registers at v1024 w1)
             (1024, 1, 1, False, False, 1),
             (1024, 1, 2, False, False, 1),
+            # deeper cp.async pipelines: STAGES - 1 tiles in flight per program through 2 KB
+            # of shared memory each, no registers (sm_90 SASS: LDGSTS at STAGES > 1)
+            (1024, 1, 3, False, False, 1),
+            (1024, 1, 4, False, False, 1),
             (1024, 2, 1, False, False, 1),
             (512, 1, 1, False, False, 1),
             (512, 1, 2, False, False, 1),
@@ -333,6 +337,8 @@ LOGITS_VARIANTS = dict(  # name -> keyword arguments of logits_entropy_partials_
             (1024, 1, 1, True, None),
             (1024, 1, 1, True, False),
             (1024, 1, 2, True, None),
+            (1024, 1, 3, True, None),
+            (1024, 1, 4, True, None),
             (2048, 2, 1, True, None),
             (512, 1, 1, True, None),
             (512, 1, 2, True, None),
@@ -341,9 +347,13 @@ LOGITS_VARIANTS = dict(  # name -> keyword arguments of logits_entropy_partials_
             (1024, 2, 1, True, False),
             (2048, 4, 1, True, None),
             (2048, 4, 2, True, None),
+            (2048, 4, 3, True, None),
             (2048, 4, 1, False, None),
         ]
     ]
+    # n = 2K rows fill half of the 4,224 one-warp slots of 132 SMs at 32 warps per SM (the
+    # deferred kernel's occupancy): two vocabulary ranges per row fill them
+    + [_logits_variant(1024, 1, st, True, True, 2, defer=True) for st in (2, 3)]
 )
 LOGITS_VARIANTS["probe r1 v2048 w4 (sum only)"] = dict(
     block_r=1, block_v=2048, lane=True, num_warps=4, probe=1

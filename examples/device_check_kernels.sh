@@ -3,8 +3,8 @@
 #   bash examples/device_check_kernels.sh          # tests, variant sweep, autotuned grid
 #   SWEEP=0 bash examples/device_check_kernels.sh  # tests + the autotuned grid of the issue
 #   SWEEP_KERNELS=logits GRID_KERNELS=logits CHUNKED=0 bash examples/device_check_kernels.sh
-#       # the logits kernel only: its 37 variants at n = 2K/8K/32K × v = 151,936/128,256
-#       # (about 2 minutes on an H200 by the compile and bench times of 2026-11-27), then the
+#       # the logits kernel only: its 44 variants at n = 2K/8K/32K × v = 151,936/128,256
+#       # (about 2.5 minutes on an H200 by the compile and bench times of 2026-11-27), then the
 #       # autotuned grid with the timed configs and with the candidates too (3b)
 # Phases (each with its own timeout, logs under $OUT): (1) the kernel tests compiled on CUDA
 # with one fixed config; (2) --sweep: every variant of both kernels launched explicitly at the
@@ -36,29 +36,35 @@ echo "== (1) tests (compiled Triton on CUDA, fixed config)"
     | tee "$OUT/pytest.log" | tail -15)
 fi
 B="python3 $REPO/examples/bench_kernels.py --device cuda --dtype bfloat16"
+# the rows so far go to $OUT after every phase: a call cut off by the device tool's limit
+# (600 s) still brings back what it measured
+save() { cp "$REPO/benchmarks/results.jsonl" "$OUT/results.jsonl"; }
 if [ "${SWEEP:-1}" = 1 ]; then
     echo "== (2) variant sweep"
     case "${SWEEP_KERNELS:-linear logits}" in *linear*)
     timeout "${SWEEP1_TIMEOUT:-170}" $B --sweep --kernels linear --n 32768 8192 --d 4096 \
         --vocab 151936 2>&1 | tee "$OUT/sweep_linear.log";; esac
     case "${SWEEP_KERNELS:-linear logits}" in *logits*)
-    timeout "${SWEEP2_TIMEOUT:-200}" $B --sweep --kernels logits \
+    timeout "${SWEEP2_TIMEOUT:-240}" $B --sweep --kernels logits \
         --n ${SWEEP_LOGITS_N:-2048 8192 32768} --vocab ${SWEEP_LOGITS_V:-151936 128256} 2>&1 \
         | tee "$OUT/sweep_logits.log";; esac
+    save
 fi
 echo "== (3) autotuned launches, the issue's grid"
 timeout "${GRID_TIMEOUT:-150}" $B --kernels ${GRID_KERNELS:-linear logits} \
     --methods triton matmul copy --n 2048 8192 32768 \
     --d 2048 3584 4096 --vocab 151936 128256 2>&1 | tee "$OUT/bench_grid.log"
+save
 if [ "${GRID_ALL:-1}" = 1 ]; then
 echo "== (3b) the logits grid again, the autotuner also trying the untimed candidate configs"
 POLICYLONG_LOGITS_CONFIGS=all timeout "${GRID_TIMEOUT:-150}" $B --kernels logits \
     --methods triton copy --n 2048 8192 32768 --vocab 151936 128256 2>&1 \
     | tee "$OUT/bench_grid_all.log"
+save
 fi
 if [ "${CHUNKED:-1}" = 1 ]; then
 echo "== (4) chunked PyTorch path at the headline shape"
 timeout "${CHUNKED_TIMEOUT:-40}" $B --kernels linear --methods chunked triton matmul \
     --n 32768 --d 4096 --vocab 151936 2>&1 | tee "$OUT/bench_chunked.log"
 fi
-cp "$REPO/benchmarks/results.jsonl" "$OUT/results.jsonl"
+save

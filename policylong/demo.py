@@ -6,9 +6,9 @@ M_{t+1} with Megatron-Core on gloo) at a target length L several times the embed
 training length (400 tokens), with the RoPE base raised -> ``policylong report`` (JSON + PNGs).
 
 Both runs see the same corpus, the same root documents per stage, the same token budget and
-the same training schedule; they differ only in the preset (``stages.PRESETS``). The NLL
-guard is on for both (the synthetic corpus plants wrong-value passages that fool entropy
-alone; see README).
+the same training schedule; they differ only in the method preset (``policylong/presets/``).
+The NLL guard is on for both (the synthetic corpus plants wrong-value passages that fool
+entropy alone).
 """
 
 from __future__ import annotations
@@ -17,6 +17,12 @@ import json
 import logging
 import os
 import time
+
+from policylong.config import load_config
+from policylong.report import loop_report, summarize_report
+from policylong.retrieval import build_index
+from policylong.stages import run_stages
+from policylong.synthetic import generate_corpus
 
 log = logging.getLogger("policylong.demo")
 
@@ -42,18 +48,9 @@ HELDOUT = 24
 """Root documents kept out of every stage: the report's probes and landscape use them."""
 
 
-def run_demo(config_path: str | None, overrides: list[str], roots: int | None = None) -> dict:
-    from policylong.cli import build_index, summarize_report
-    from policylong.config import load_config
-    from policylong.report import loop_report
-    from policylong.stages import preset_overrides, run_stages
-    from policylong.synthetic import generate_corpus
-
+def run_demo(configs: list[str] | None, overrides: list[str], roots: int | None = None) -> dict:
     t0 = time.time()
-    cfgs = {
-        p: load_config(config_path, DEMO_SETTINGS + preset_overrides(p) + overrides)
-        for p in DEMO_RUNS
-    }
+    cfgs = {p: load_config([*(configs or []), p], DEMO_SETTINGS + overrides) for p in DEMO_RUNS}
     cfg = cfgs[DEMO_RUNS[0]]
     need = cfg.data.root_offset + cfg.loop.stages * cfg.loop.roots_per_stage + HELDOUT
     roots = roots or need

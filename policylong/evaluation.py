@@ -30,13 +30,14 @@ maximum over the (possibly TP-sharded) vocabulary; full logits are never built.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from policylong import synthetic as syn
-from policylong.corpus import encode
+from policylong.corpus import encode, read_documents
 from policylong.kernels.entropy import (
     _target_logits,
     combine_partials,
@@ -44,6 +45,8 @@ from policylong.kernels.entropy import (
     linear_entropy_partials,
     vocab_shard_offset,
 )
+from policylong.screening.entropy import gather_rows
+from policylong.synthetic import read_ground_truth
 
 TASKS = (
     "niah_single",
@@ -158,7 +161,6 @@ def _assemble(tok, needles, qtoks, length, rng, ctx_id, control) -> Probe:
 @torch.no_grad()
 def score_probes(lm, probes: list[Probe], batch_size: int = 4) -> dict:
     """Top-1 accuracy and mean NLL of the planted values (vocab-parallel, no full logits)."""
-    from policylong.screening.entropy import gather_rows
 
     seqs = [p.tokens for p in probes]
     rows = [torch.tensor([r for r, _ in p.targets]) for p in probes]
@@ -227,10 +229,6 @@ def planted_probes(
     """``{length: (probes, controls)}`` of the planted-dependency probe over ``root_ids`` of
     the synthetic corpus in ``corpus_dir`` (docs.jsonl, passages.jsonl, ground_truth.jsonl);
     they depend on the tokenizer, not the model, so one set serves every model of a report."""
-    import os
-
-    from policylong.corpus import read_documents
-    from policylong.synthetic import read_ground_truth
 
     docs = {d.id: d.text for d in read_documents(os.path.join(corpus_dir, "docs.jsonl"))}
     passages = {d.id: d.text for d in read_documents(os.path.join(corpus_dir, "passages.jsonl"))}

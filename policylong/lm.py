@@ -15,9 +15,10 @@ import os
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from transformers import AutoModelForCausalLM
 
-from .basemodel import resolve_model_path
 from .corpus import context_token_id, eos_id, load_tokenizer
+from .paths import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,6 @@ class HFLanguageModel:
     tp_group = None
 
     def __init__(self, path: str, device: str = "auto", dtype: str = "float32"):
-        from transformers import AutoModelForCausalLM
-
         self.path = resolve_model_path(path)
         cfg_file = os.path.join(self.path, "config.json")
         if not os.path.isfile(cfg_file):

@@ -1,16 +1,6 @@
-"""Per-stage statistics; planted-dependency recovery against a synthetic ground truth.
-
-``planted_recovery`` scores what screening found against ``ground_truth.jsonl``:
-
-* recall: planted root→passage links recovered as positives, over all planted links of the
-  screened roots (a root skipped for lack of positives counts its links as missed);
-* precision with the NLL guard (the configured criterion) and with entropy alone
-  (positives ∪ rejected_by_guard);
-* how many ``wrong_value`` and ``different_entity`` distractors each criterion admitted, over
-  how many of them were retrieved as candidates;
-* hard negatives: of the planted ``different_entity`` distractors whose true passage was
-  recovered, the fraction that ended up among the root's hard negatives.
-"""
+"""The loop's report: every model of the given runs (M_0 and each M_{t+1}) evaluated on
+held-out roots (paper Fig. 2a landscape, Fig. 3 difficulty, probes), JSON + PNG plots, and the
+summary a person reads first."""
 
 from __future__ import annotations
 
@@ -21,77 +11,18 @@ import os
 import time
 
 import numpy as np
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from tqdm import tqdm
+
+from policylong.corpus import encode, read_documents
+from policylong.datasets import load_manifest
+from policylong.evaluation import Probe, evaluate, evaluate_planted, planted_probes, score_probes
+from policylong.megatron_ext.lm import megatron_language_model
+from policylong.megatron_ext.train import read_meta
+from policylong.screening.entropy import root_entropies
+from policylong.screening.positions import select_positions
 
 log = logging.getLogger("policylong.report")
-
-
-def _ratio(a: int, b: int):
-    return round(a / b, 4) if b else None
-
-
-def planted_recovery(records: list[dict], gt_path: str) -> dict:
-    from policylong.synthetic import read_ground_truth
-
-    gt = read_ground_truth(gt_path)
-    links = tp_g = n_g = tp_e = n_e = 0
-    admitted = {
-        "guard": {"wrong_value": 0, "different_entity": 0},
-        "entropy": {"wrong_value": 0, "different_entity": 0},
-    }
-    retrieved = {"wrong_value": 0, "different_entity": 0}
-    hn_hit = hn_total = 0
-    roots = 0
-    for r in records:
-        g = gt.get(r["root"])
-        if g is None:
-            continue
-        roots += 1
-        true = set(g["passages"])
-        kinds = g.get("distractor_kinds", {})
-        links += len(true)
-        guard = {p["passage"] for p in r.get("positives", [])}
-        ent = guard | set(r.get("rejected_by_guard", []))
-        tp_g += len(guard & true)
-        n_g += len(guard)
-        tp_e += len(ent & true)
-        n_e += len(ent)
-        for pid in r.get("candidates", []):
-            if pid in kinds:
-                retrieved[kinds[pid]] += 1
-        for name, s in (("guard", guard), ("entropy", ent)):
-            for pid in s:
-                if pid in kinds:
-                    admitted[name][kinds[pid]] += 1
-        if r.get("status") == "ok":
-            negs = set(r.get("negatives", []))
-            for fct in g.get("facts", []):
-                if fct["passage"] in guard:
-                    hn_total += 1
-                    hn_hit += fct["different_entity"] in negs
-    return {
-        "roots": roots,
-        "planted_links": links,
-        "recall": _ratio(tp_g, links),
-        "precision": _ratio(tp_g, n_g),
-        "recall_entropy_only": _ratio(tp_e, links),
-        "precision_entropy_only": _ratio(tp_e, n_e),
-        "distractors_retrieved": retrieved,
-        "admitted_with_guard": admitted["guard"],
-        "admitted_entropy_only": admitted["entropy"],
-        "wrong_value_admit_rate_guard": _ratio(
-            admitted["guard"]["wrong_value"], retrieved["wrong_value"]
-        ),
-        "wrong_value_admit_rate_entropy_only": _ratio(
-            admitted["entropy"]["wrong_value"], retrieved["wrong_value"]
-        ),
-        "different_entity_admit_rate_guard": _ratio(
-            admitted["guard"]["different_entity"], retrieved["different_entity"]
-        ),
-        "different_entity_admit_rate_entropy_only": _ratio(
-            admitted["entropy"]["different_entity"], retrieved["different_entity"]
-        ),
-        "hard_negative_distractor_recall": _ratio(hn_hit, hn_total),
-    }
 
 
 # -- the loop's report (paper Fig. 2a, Fig. 3, probes) -----------------------------------------
@@ -103,7 +34,6 @@ M_1..M_T the landscape tracks (the paper's Fig. 2a follows the positions the bas
 
 def stage_sequences(stage_dir: str) -> list[list[int]]:
     """The token sequences of a stage dataset, read with megatron-core's IndexedDataset."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(os.path.join(stage_dir, "data"))
     return [ds[i].astype(np.int64).tolist() for i in range(len(ds))]
@@ -111,7 +41,6 @@ def stage_sequences(stage_dir: str) -> list[list[int]]:
 
 def sequence_loss(lm, seqs: list[list[int]], batch_size: int = 4) -> float:
     """Mean next-token NLL over every token of ``seqs`` (what training minimises)."""
-    from policylong.evaluation import Probe, score_probes
 
     probes = [Probe(s, [(i, s[i + 1]) for i in range(len(s) - 1)]) for s in seqs]
     return score_probes(lm, probes, batch_size)["nll"]
@@ -129,7 +58,6 @@ def heldout_roots(docs: list, root_offset: int, runs: list[dict]) -> list[str]:
 
 def _run_summary(root: str) -> dict:
     """What a finished (or partly finished) loop left in ``root``: stages, checkpoints, stats."""
-    from policylong.datasets import load_manifest
 
     with open(os.path.join(root, "loop.json")) as f:
         history = json.load(f)
@@ -188,13 +116,6 @@ def loop_report(
     the entropy landscape (the model's entropy at M_0's high-entropy positions of held-out
     roots) and probe scores per length (planted-dependency recall on held-out roots, NIAH
     single and multi-key)."""
-    from tqdm import tqdm
-
-    from policylong.corpus import encode, read_documents
-    from policylong.evaluation import evaluate, evaluate_planted, planted_probes
-    from policylong.screening.entropy import root_entropies
-    from policylong.screening.positions import select_positions
-    from policylong.stages import _screening_model
 
     runs = {}
     for p in presets:
@@ -225,13 +146,11 @@ def loop_report(
     # screens stage 0 with them), unless this config sets its own
     first = next((r["stages"][0]["checkpoint"] for r in runs.values() if r["stages"]), None)
     if first and not (cfg.train.rotary_base or cfg.train.rope_scaling_factor):
-        from policylong.megatron_ext.train import read_meta
-
         saved = read_meta(first).get("model_options", {})
         cfg = copy.deepcopy(cfg)
         cfg.train.rotary_base = saved.get("rotary_base") or 0.0
         cfg.train.rope_scaling_factor = saved.get("rope_scaling_factor") or 0.0
-    models = [("M_0", cfg.loop.start, None, 0)]
+    models = [("M_0", cfg.model.path, None, 0)]
     for p, r in runs.items():
         for s in r["stages"]:
             models.append((f"{p}/M_{s['stage'] + 1}", s["checkpoint"], p, s["stage"] + 1))
@@ -239,7 +158,7 @@ def loop_report(
     results: dict[str, dict] = {}
     for name, src, _, _ in tqdm(models, desc="report: models"):
         t0 = time.time()
-        lm = _screening_model(cfg, src)
+        lm = megatron_language_model(cfg, src)
         tok = lm.tokenizer
         roots = [encode(tok, docs[r])[: cfg.screening.screen_length] for r in held]
         ents = [h for h, _ in root_entropies(lm, roots, lm.ctx_id, lm.eos_id, 8)]
@@ -309,6 +228,34 @@ def loop_report(
     for p, r in report["runs"].items():  # each run's own folder: its numbers and plots
         plot_report({**report, "runs": {p: r}}, os.path.join(r["dir"], "report"))
     return report
+
+
+def summarize_report(rep: dict) -> dict:
+    """The numbers a person reads first: per run and stage, difficulty gap, landscape mean,
+    probe accuracy at the longest length."""
+    longest = str(max(rep["lengths"]))
+    out = {"M_0": {"landscape_mean": round(rep["M_0"]["landscape_mean"], 4)}}
+    out["M_0"]["accuracy_at_longest"] = {
+        t: round(v[int(longest)]["accuracy"], 3) for t, v in rep["M_0"]["probes"].items()
+    }
+    for p, r in rep["runs"].items():
+        out[p] = []
+        for s in r["stages"]:
+            out[p].append(
+                {
+                    "stage": s["stage"],
+                    "difficulty_gap": round(s["difficulty"]["gap"], 4)
+                    if "difficulty" in s
+                    else None,
+                    "landscape_mean_after": round(s["after"]["landscape_mean"], 4),
+                    "accuracy_at_longest_after": {
+                        t: round(v[int(longest)]["accuracy"], 3)
+                        for t, v in s["after"]["probes"].items()
+                    },
+                    "final_train_loss": s["train_loss"][-1] if s["train_loss"] else None,
+                }
+            )
+    return out
 
 
 def _save(fig, out_dir: str, name: str) -> str:

@@ -19,9 +19,16 @@ import os
 import shutil
 from collections.abc import Sequence
 
+import faiss
 import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+from tqdm import tqdm
 
+from .config import Config
+from .corpus import chunk_document, load_tokenizer, read_documents
 from .datasets import sha256_file
+from .paths import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +52,11 @@ class Embedder:
     """Sentence embeddings from a local sentence-transformers model directory, L2-normalised."""
 
     def __init__(self, name: str = "default", device: str | None = None, batch_size: int = 128):
-        from sentence_transformers import SentenceTransformer
-
         path = default_embedder_dir() if name == "default" else name
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: embedder model directory not found")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if device is None:
-            import torch
-
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = SentenceTransformer(path, device=device, local_files_only=True)
         self.name = (
@@ -81,8 +84,6 @@ class Embedder:
 
 
 def _maybe_gpu(index, use_gpu: str):
-    import faiss
-
     if use_gpu == "no":
         return index
     ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
@@ -122,8 +123,6 @@ class PassageIndex:
         use_gpu: str = "auto",
         seed: int = 0,
     ) -> PassageIndex:
-        import faiss
-
         if len(ids) == 0:
             raise ValueError("cannot build a passage index from zero passages")
         if len(set(ids)) != len(ids):
@@ -159,8 +158,6 @@ class PassageIndex:
         return out
 
     def _set_nprobe(self, nprobe: int) -> None:
-        import faiss
-
         try:
             faiss.ParameterSpace().set_index_parameter(self.index, "nprobe", nprobe)
         except Exception:  # flat indexes have no nprobe
@@ -169,7 +166,6 @@ class PassageIndex:
     # -- persistence -------------------------------------------------------------------------
     def save(self, out_dir: str) -> None:
         """Write atomically: a temp folder renamed over ``out_dir`` when complete."""
-        import faiss
 
         tmp = out_dir.rstrip("/") + ".partial"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -195,8 +191,6 @@ class PassageIndex:
     def load(
         cls, index_dir: str, use_gpu: str = "auto", verify: bool = True, nprobe: int | None = None
     ) -> PassageIndex:
-        import faiss
-
         meta_path = os.path.join(index_dir, "meta.json")
         if not os.path.isdir(index_dir):
             raise IndexError_(
@@ -256,3 +250,53 @@ class PassageIndex:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return scores, rows
+
+
+# -- from a config -----------------------------------------------------------------------------
+
+
+def open_embedder(cfg: Config) -> Embedder:
+    """The embedder of ``retrieval.embedder`` (the one the index was built with)."""
+    return Embedder(cfg.retrieval.embedder, batch_size=cfg.retrieval.batch_size)
+
+
+def open_index(cfg: Config) -> PassageIndex:
+    """The index of ``retrieval.index_dir``, on GPU per ``retrieval.use_gpu``."""
+    return PassageIndex.load(
+        cfg.path(cfg.retrieval.index_dir), cfg.retrieval.use_gpu, nprobe=cfg.retrieval.nprobe
+    )
+
+
+def build_index(cfg: Config) -> str:
+    """Chunk ``corpus.passages`` with the model's tokenizer, embed, build and save the index of
+    ``retrieval.*``; returns its folder."""
+
+    src = cfg.path(cfg.corpus.passages)
+    docs = read_documents(src, cfg.corpus.id_field, cfg.corpus.text_field)
+    tok = load_tokenizer(resolve_model_path(cfg.model.path))
+    passages = []
+    for d in tqdm(docs, desc="chunk passages", mininterval=2):
+        passages += chunk_document(
+            d, tok, cfg.corpus.passage_max_tokens, cfg.corpus.passage_min_tokens
+        )
+    log.info("%s: %d documents -> %d passages", src, len(docs), len(passages))
+    emb = open_embedder(cfg)
+    index = PassageIndex.build(
+        [p.id for p in passages],
+        [p.text for p in passages],
+        emb,
+        cfg.retrieval.index_factory,
+        cfg.retrieval.nprobe,
+        cfg.retrieval.use_gpu,
+        seed=cfg.seed,
+    )
+    out = cfg.path(cfg.retrieval.index_dir)
+    index.save(out)
+    log.info(
+        "index written: %s (%d passages, %s, dim %d)",
+        out,
+        len(index),
+        cfg.retrieval.index_factory,
+        index.meta["dim"],
+    )
+    return out

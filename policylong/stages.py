@@ -25,68 +25,40 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import json
 import logging
 import math
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 
-from policylong.config import Config
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from policylong.config import Config, dump_config, load_config
+from policylong.corpus import read_documents
+from policylong.datasets import load_manifest
+from policylong.lm import load_language_model
+from policylong.logs import setup_logging
+from policylong.megatron_ext.lm import megatron_language_model
+from policylong.megatron_ext.parallel import destroy_distributed
+from policylong.megatron_ext.train import (
+    is_megatron_checkpoint,
+    iter_dir,
+    latest_iteration,
+    plan_stage,
+    read_meta,
+    train_stage,
+)
+from policylong.paths import split_source
+from policylong.retrieval import open_embedder, open_index
+from policylong.screening.pipeline import Shard, screen_stage
 
 log = logging.getLogger("policylong.stages")
-
-PRESETS: dict[str, dict[str, dict]] = {
-    # PolicyLong (full): iteration + adaptive percentile (curriculum) + on-policy hard negatives
-    "policylong": {
-        "loop": {"on_policy": True},
-        "screening": {"verify": True, "position_mode": "percentile", "negatives": "onpolicy"},
-    },
-    # EntropyLong: static data from M_0, fixed mu + 2 sigma threshold, no hard negatives (the
-    # rest of L is random passages). Run as T stages screened by M_0 so that its intermediate
-    # models exist for the Fig. 3 comparison; stages=1 gives the single-stage original.
-    "entropylong": {
-        "loop": {"on_policy": False},
-        "screening": {"verify": True, "position_mode": "sigma", "negatives": "random"},
-    },
-    # NExtLong: embedding-nearest hard negatives around the root, no entropy verification
-    "nextlong": {
-        "loop": {"on_policy": False},
-        "screening": {"verify": False, "negatives": "nearest"},
-    },
-    # ablations of the paper's Tables 3-4 (Iter. / HN / Curr.)
-    "ablation_iteration": {
-        "loop": {"on_policy": True},
-        "screening": {"verify": True, "position_mode": "sigma", "negatives": "random"},
-    },
-    "ablation_iteration_curriculum": {
-        "loop": {"on_policy": True},
-        "screening": {"verify": True, "position_mode": "percentile", "negatives": "random"},
-    },
-    "ablation_iteration_onpolicy_hn": {
-        "loop": {"on_policy": True},
-        "screening": {"verify": True, "position_mode": "sigma", "negatives": "onpolicy"},
-    },
-    "ablation_static_hn_curriculum": {
-        "loop": {"on_policy": False},
-        "screening": {"verify": True, "position_mode": "percentile", "negatives": "onpolicy"},
-    },
-}
-"""The method and its baselines and ablations as configuration (DESIGN.md: "baselines are
-presets, not code paths"). ``examples/configs/<name>.yaml`` spell out the same settings
-(tests check that they agree)."""
-
-
-def preset_overrides(name: str) -> list[str]:
-    """Dotted overrides that turn a config into the named preset (and name its run folder)."""
-    if name not in PRESETS:
-        raise ValueError(f"loop.preset {name!r}: one of {', '.join(PRESETS)}")
-    out = [f"loop.preset={name}"]
-    for section, kv in PRESETS[name].items():
-        out += [
-            f"{section}.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in kv.items()
-        ]
-    return out
 
 
 def run_dir(cfg: Config) -> str:
@@ -94,8 +66,6 @@ def run_dir(cfg: Config) -> str:
 
 
 def _count_docs(cfg: Config) -> int:
-    from policylong.corpus import read_documents
-
     return len(read_documents(cfg.path(cfg.corpus.docs)))
 
 
@@ -113,7 +83,6 @@ def stage_config(cfg: Config, t: int, roots_per_stage: int) -> Config:
 
 def checkpoint_done(ckpt: str) -> bool:
     """True when a checkpoint folder reached the steps its stage planned."""
-    from policylong.megatron_ext.train import is_megatron_checkpoint, latest_iteration, read_meta
 
     if not is_megatron_checkpoint(ckpt):
         return False
@@ -121,22 +90,19 @@ def checkpoint_done(ckpt: str) -> bool:
     return it is not None and it >= int(read_meta(ckpt).get("train_steps", 1 << 62))
 
 
-def _screening_model(cfg: Config, src: str):
-    """M_t as a LanguageModel: the Megatron model built from ``src`` (a HF folder, a Megatron
-    checkpoint, or ``CKPT@N`` for its iteration N) in this process."""
-    from policylong.basemodel import split_source
-    from policylong.megatron_ext import model as M
-    from policylong.megatron_ext import train as T
-    from policylong.megatron_ext.lm import MegatronLanguageModel
-    from policylong.megatron_ext.parallel import init_distributed
-
-    init_distributed(cfg.parallel, seed=cfg.seed)
-    path, iteration = split_source(src)
-    hf_cfg, meta_dir = T.resolve_start(path)
-    opts = T.model_options(cfg, path)
-    model = M.build_gpt_model(hf_cfg, opts, max_seq_length=cfg.data.seq_length)
-    T.load_start_weights(model, path, hf_cfg, iteration)
-    return MegatronLanguageModel(model, hf_cfg, meta_dir)
+def screen_once(cfg: Config, out_dir: str, overwrite: bool = False) -> dict:
+    """``policylong screen``: one stage dataset screened with ``model.path``: a PolicyLong
+    Megatron checkpoint (``CKPT@N``: its iteration N) is built as the live Megatron model in
+    this process; a Hugging Face folder or ``embedded`` is served by the HF backend."""
+    if is_megatron_checkpoint(split_source(cfg.model.path)[0]):
+        lm = megatron_language_model(cfg, cfg.model.path)
+        desc = cfg.model.path
+    else:
+        lm = load_language_model(cfg.model.path, cfg.model.device, cfg.model.dtype)
+        desc = lm.describe()
+    return screen_stage(
+        cfg, lm, open_index(cfg), open_embedder(cfg), out_dir, model_desc=desc, overwrite=overwrite
+    )
 
 
 FAULT_ENV = "POLICYLONG_FAULT"
@@ -167,10 +133,6 @@ def _kill_step(t: int) -> int | None:
 
 def _shard():
     """This process's place in data-parallel screening (one process: the defaults)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from policylong.screening.pipeline import Shard
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return Shard()
@@ -233,7 +195,6 @@ def _stage_lock(stage_dir: str):
     be finishing when the rerun starts another). Only for one-process loops, the only ones that
     overlap: under torchrun every rank screens the same stage together (an exclusive lock
     there would hold every rank but one outside the collectives: a deadlock)."""
-    import fcntl
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         yield
@@ -247,8 +208,6 @@ def _stage_lock(stage_dir: str):
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sk:
         sk.bind(("127.0.0.1", 0))
         return sk.getsockname()[1]
@@ -256,10 +215,6 @@ def _free_port() -> int:
 
 def _start_overlap(cfg: Config, t: int, src: str, staleness: dict | None):
     """Screen stage t in a second process (App. E) while this one trains stage t-1."""
-    import subprocess
-    import sys
-
-    from policylong.config import dump_config
 
     root = run_dir(cfg)
     cfg_path = os.path.join(root, f"stage_{t}.screener.yaml")
@@ -291,8 +246,7 @@ def screen_loop_stage(
 ) -> str:
     """Screen stage t of the loop (its disjoint roots) with ``lm`` into ``runs/<preset>/
     stage_t``, data-parallel under torchrun (every rank calls it); returns the folder. Shared
-    by ``policylong run`` and ``megatron_ext.recipe.StageHook``."""
-    from policylong.screening.pipeline import screen_stage
+    by ``policylong run`` and ``recipe.StageHook``."""
 
     scfg = stage_config(cfg, t, R)
     stage_dir = os.path.join(run_dir(cfg), f"stage_{t}")
@@ -323,21 +277,15 @@ def _screen_one(cfg: Config, t: int, R: int, src: str, index, emb, staleness=Non
     with _stage_lock(stage_dir):
         if os.path.isfile(os.path.join(stage_dir, "manifest.json")):
             return  # another screener finished it while we waited
-        lm = _screening_model(stage_config(cfg, t, R), src)
+        lm = megatron_language_model(stage_config(cfg, t, R), src)
         desc = os.path.abspath(src) if os.path.exists(src) else src
         screen_loop_stage(cfg, t, R, lm, desc, index, emb, staleness)
 
 
 def _overlap_main(argv: list[str]) -> int:
     """The second process of ``loop.overlap``: wait for the checkpoint, screen one stage."""
-    from policylong.basemodel import split_source
-    from policylong.cli import _setup_logging
-    from policylong.config import load_config
-    from policylong.megatron_ext.parallel import destroy_distributed
-    from policylong.megatron_ext.train import iter_dir
-    from policylong.retrieval import Embedder, PassageIndex
 
-    _setup_logging(False)
+    setup_logging(False)
     cfg_path, t, src, staleness = argv[0], int(argv[1]), argv[2], json.loads(argv[3])
     cfg = load_config(cfg_path)
     R = check_loop(cfg, 1)
@@ -348,10 +296,7 @@ def _overlap_main(argv: list[str]) -> int:
             log.error("the loop process is gone before %s reached iteration %d", path, it)
             return 1
         time.sleep(1.0)
-    index = PassageIndex.load(
-        cfg.path(cfg.retrieval.index_dir), cfg.retrieval.use_gpu, nprobe=cfg.retrieval.nprobe
-    )
-    emb = Embedder(cfg.retrieval.embedder, batch_size=cfg.retrieval.batch_size)
+    index, emb = open_index(cfg), open_embedder(cfg)
     try:
         _screen_one(cfg, t, R, src, index, emb, staleness)
     finally:
@@ -361,9 +306,6 @@ def _overlap_main(argv: list[str]) -> int:
 
 def run_stages(cfg: Config) -> list[dict]:
     """Run (or resume) the loop; returns one summary per stage."""
-    from policylong.datasets import load_manifest
-    from policylong.megatron_ext.train import plan_stage, train_stage
-    from policylong.retrieval import Embedder, PassageIndex
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     R = check_loop(cfg, world)
@@ -381,10 +323,7 @@ def run_stages(cfg: Config) -> list[dict]:
     T = cfg.loop.stages
     root = run_dir(cfg)
     os.makedirs(root, exist_ok=True)
-    index = PassageIndex.load(
-        cfg.path(cfg.retrieval.index_dir), cfg.retrieval.use_gpu, nprobe=cfg.retrieval.nprobe
-    )
-    emb = Embedder(cfg.retrieval.embedder, batch_size=cfg.retrieval.batch_size)
+    index, emb = open_index(cfg), open_embedder(cfg)
     history_path = os.path.join(root, "loop.json")
     history = []
     if os.path.isfile(history_path):
@@ -398,8 +337,8 @@ def run_stages(cfg: Config) -> list[dict]:
         scfg = stage_config(cfg, t, R)
         stage_dir = os.path.join(root, f"stage_{t}")
         ckpt = os.path.join(root, f"ckpt_{t + 1}")
-        prev = cfg.loop.start if t == 0 else os.path.join(root, f"ckpt_{t}")
-        screener_src = prev if cfg.loop.on_policy else cfg.loop.start
+        prev = cfg.model.path if t == 0 else os.path.join(root, f"ckpt_{t}")
+        screener_src = prev if cfg.loop.on_policy else cfg.model.path
         t0 = time.time()
         if pending is not None and pending[0] == t:
             rc = pending[1].wait()
@@ -422,7 +361,7 @@ def run_stages(cfg: Config) -> list[dict]:
             else None
         )
         if overlap_next:
-            src, stale = cfg.loop.start, None
+            src, stale = cfg.model.path, None
             if cfg.loop.on_policy:
                 k = overlap_iteration(steps, cfg.train.save_interval, cfg.loop.overlap_after)
                 if k is not None:

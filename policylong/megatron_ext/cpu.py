@@ -32,8 +32,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
+import sys
 
+import megatron.core
 import torch
+from megatron.core.optimizer import clip_grads
+from megatron.core.optimizer import optimizer as mc_optimizer
+from megatron.core.tensor_parallel import random as tp_random
+
+MEGATRON_CORE = "0.16.1"
+"""The megatron-core release whose internals this layer patches (module names, private helpers,
+the optimizer's type checks); the ``cpu`` extra and CI pin it."""
 
 _APPLIED = False
 _PROXY = None
@@ -203,8 +213,12 @@ def apply() -> bool:
     global _APPLIED
     if torch.cuda.is_available():
         return False
-    import importlib
-    import sys
+    if megatron.core.__version__ != MEGATRON_CORE:
+        raise RuntimeError(
+            f"megatron-core {megatron.core.__version__} is installed; running without CUDA "
+            f"needs {MEGATRON_CORE}, the release whose internals policylong/megatron_ext/cpu.py "
+            f"patches: pip install megatron-core=={MEGATRON_CORE} (or install policylong[cpu])"
+        )
 
     for name in _MODULES:  # import first, so that they exist to be patched
         importlib.import_module(name)
@@ -222,13 +236,9 @@ def apply() -> bool:
     # optimizer state loading) keeps the tensor where it is. On a CPU-only build the original
     # raises for every caller, so no working program can depend on it.
     torch.Tensor.cuda = lambda self, *a, **k: self
-    from megatron.core.tensor_parallel import random as tp_random
 
     tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-
-    from megatron.core.optimizer import clip_grads
-    from megatron.core.optimizer import optimizer as mc_optimizer
 
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
     mc_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu

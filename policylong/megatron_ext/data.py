@@ -12,6 +12,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
 from policylong.datasets import StageDatasetError, verify_stage_dataset
 
 
@@ -45,10 +48,6 @@ def build_gpt_dataset(
 ):
     """A megatron-core ``GPTDataset`` (or a ``BlendedDataset`` for several stages) over the
     train split of one or more stage folders."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     if not stage_dirs:
         raise ValueError("build_gpt_dataset: no stage folder given")

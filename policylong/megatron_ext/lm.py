@@ -15,8 +15,15 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
+from policylong.config import Config
 from policylong.corpus import context_token_id, eos_id, load_tokenizer
+from policylong.paths import split_source
+
+from .model import build_gpt_model, forward_only
+from .parallel import init_distributed
+from .train import load_start_weights, model_options, resolve_start
 
 
 class MegatronLanguageModel:
@@ -29,8 +36,6 @@ class MegatronLanguageModel:
     """
 
     def __init__(self, model, hf_cfg: dict, tokenizer_dir: str):
-        from megatron.core import parallel_state as ps
-
         self.model = model
         self.config = hf_cfg
         self.vocab_size = int(hf_cfg["vocab_size"])
@@ -49,9 +54,6 @@ class MegatronLanguageModel:
     @torch.no_grad()
     def final_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens [b, s]`` -> hidden states after the final norm ``[b, s, d]``, every rank."""
-        from megatron.core import parallel_state as ps
-
-        from .model import forward_only
 
         m = self.model
         tokens = tokens.to(self.device)
@@ -74,7 +76,6 @@ class MegatronLanguageModel:
         """This rank's shard ``[v_local, d]`` of the LM head, without the zero pad rows that
         make the vocabulary divisible by TP. Re-read on every call (weights change during
         training); broadcast from the last stage when PP > 1."""
-        from megatron.core import parallel_state as ps
 
         m = self.model
         last = ps.is_pipeline_last_stage()
@@ -104,3 +105,15 @@ class MegatronLanguageModel:
         start = ps.get_tensor_model_parallel_rank() * w.shape[0]
         keep = max(0, min(w.shape[0], self.vocab_size - start))
         return w[:keep]
+
+
+def megatron_language_model(cfg: Config, src: str) -> MegatronLanguageModel:
+    """M_t as a LanguageModel: the Megatron model built from ``src`` (a HF folder, a Megatron
+    checkpoint, or ``CKPT@N`` for its iteration N) in this process."""
+    init_distributed(cfg.parallel, seed=cfg.seed)
+    path, iteration = split_source(src)
+    hf_cfg, meta_dir = resolve_start(path)
+    opts = model_options(cfg, path)
+    model = build_gpt_model(hf_cfg, opts, max_seq_length=cfg.data.seq_length)
+    load_start_weights(model, path, hf_cfg, iteration)
+    return MegatronLanguageModel(model, hf_cfg, meta_dir)

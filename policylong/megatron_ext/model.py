@@ -35,7 +35,18 @@ import shutil
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import gpt_layer_specs as specs
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from megatron.core.transformer.transformer_config import TransformerConfig
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .attention import SDPAttention
 
 SUPPORTED = ("qwen2", "llama", "mistral")
 HF_META = "hf"
@@ -142,7 +153,6 @@ def _dtype(name: str) -> torch.dtype:
 
 def transformer_config(cfg: dict, opts: ModelOptions, tp: int = 1, pp: int = 1, cp: int = 1):
     """A megatron-core ``TransformerConfig`` equal in function to the HF config."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     if cfg.get("mlp_bias"):
         raise ValueError("config.json: mlp_bias = true is not supported")
@@ -215,8 +225,6 @@ def resolve_spec(spec: str) -> str:
 
 
 def _layer_spec(opts: ModelOptions, cp: int = 1):
-    from megatron.core.models.gpt import gpt_layer_specs as specs
-
     spec = resolve_spec(opts.spec)
     if spec == "te":
         return specs.get_gpt_layer_with_transformer_engine_spec()
@@ -227,8 +235,6 @@ def _layer_spec(opts: ModelOptions, cp: int = 1):
         )
     layer = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     if spec == "sdpa":
-        from .attention import SDPAttention
-
         layer.submodules.self_attention.submodules.core_attention = SDPAttention
     return layer
 
@@ -237,8 +243,6 @@ def build_gpt_model(
     cfg: dict, opts: ModelOptions, max_seq_length: int, pre_process=None, post_process=None
 ):
     """GPTModel for this rank's pipeline stage (parallel_state must be initialised)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt.gpt_model import GPTModel
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -274,8 +278,6 @@ class HFWeights:
     """Lazy reader of a HF checkpoint's safetensors (one file or an index of shards)."""
 
     def __init__(self, hf_dir: str):
-        from safetensors import safe_open
-
         self.dir = hf_dir
         idx = os.path.join(hf_dir, "model.safetensors.index.json")
         single = os.path.join(hf_dir, "model.safetensors")
@@ -355,7 +357,6 @@ def _norm_names(sd_keys, prefix: str) -> tuple[str, str]:
 
 def hf_to_local_state(model, cfg: dict, hf: HFWeights) -> dict:
     """This rank's Megatron state dict (TP shard, PP stage) from HF weights."""
-    from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()
     tr = ps.get_tensor_model_parallel_rank()
@@ -436,9 +437,6 @@ def load_hf_weights(model, cfg: dict, hf_dir: str) -> None:
 
 
 def _gather_tp(t: torch.Tensor, dim: int) -> torch.Tensor:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
     tp = ps.get_tensor_model_parallel_world_size()
     if tp == 1:
         return t
@@ -449,7 +447,6 @@ def _gather_tp(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 def local_to_hf_state(model, cfg: dict) -> dict:
     """HF tensors (global layer indices) held by this rank's pipeline stage, TP-gathered."""
-    from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -516,9 +513,6 @@ def export_hf(model, cfg: dict, opts: ModelOptions, out_dir: str, meta_dir: str 
     parallel rank 0); global rank 0 writes the index, config.json and the tokenizer files
     from ``meta_dir``. The folder is written as ``out_dir.partial`` and renamed when complete.
     """
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from safetensors.torch import save_file
 
     pp = ps.get_pipeline_model_parallel_world_size()
     pr = ps.get_pipeline_model_parallel_rank()
@@ -569,8 +563,6 @@ def forward_only(model, tokens: torch.Tensor, hidden_only: bool = False):
     ``hidden_only`` the decoder output after the final norm ``[s, b, d]`` (GPTModel skips its
     output layer when ``post_process`` is off, so no logits are built). Collective over the
     model-parallel group; the model's train/eval mode is restored."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     b, s = tokens.shape
     pos = torch.arange(s, device=tokens.device)[None].expand(b, s)
@@ -612,7 +604,6 @@ def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor | None:
     """Logits ``[b, s, V_padded]`` (float32, TP-gathered; rows past the HF vocabulary are the
     zero pad rows) of ``tokens [b, s]`` through every pipeline stage; returned on the last
     stage, None elsewhere. Collective over the model-parallel group."""
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     logits = forward_only(model, tokens)
     if logits is None:

@@ -7,14 +7,47 @@ math take groups from ``parallel_state`` explicitly where they need them.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 
+import megatron.core
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from packaging.version import Version
 
 from policylong.config import ParallelConfig
 
+from . import cpu
+
+log = logging.getLogger(__name__)
+
 __all__ = ["ParallelConfig", "init_distributed", "destroy_distributed"]
+
+
+TESTED_MEGATRON_CORE = ("0.16", "0.17")
+"""megatron-core releases [low, high) the GPU path is tested with (0.16.1 on an H200). Others
+run, with a warning naming what is untested, rather than being downgraded (an NGC container
+brings its own)."""
+
+
+def check_megatron_core_version() -> bool:
+    """True when the installed megatron-core lies in the tested range; else log what is
+    untested and return False."""
+    v = Version(megatron.core.__version__)
+    low, high = (Version(x) for x in TESTED_MEGATRON_CORE)
+    if low <= v < high:
+        return True
+    log.warning(
+        "megatron-core %s lies outside the range this release is tested with [%s, %s): the "
+        "HF <-> Megatron weight mapping, the training step and dist_checkpointing resharding are "
+        "untested with it; check `policylong convert` logits against Hugging Face first",
+        v,
+        low,
+        high,
+    )
+    return False
 
 
 def init_distributed(par: ParallelConfig, seed: int = 1234, timeout_s: int = 600) -> int:
@@ -24,10 +57,11 @@ def init_distributed(par: ParallelConfig, seed: int = 1234, timeout_s: int = 600
     Backend: NCCL with CUDA, gloo without (then ``megatron_ext.cpu`` patches megatron-core for
     the CPU). CP > 1 without CUDA is refused: it needs Transformer Engine.
     """
-    from . import cpu
 
     cpu.apply()
     cuda = torch.cuda.is_available()
+    if cuda:
+        check_megatron_core_version()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
@@ -48,7 +82,6 @@ def init_distributed(par: ParallelConfig, seed: int = 1234, timeout_s: int = 600
             f"parallel.context_parallel = {par.context_parallel}: context parallelism needs "
             "Transformer Engine and CUDA (set it to 1 on CPU)"
         )
-    from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
@@ -56,7 +89,6 @@ def init_distributed(par: ParallelConfig, seed: int = 1234, timeout_s: int = 600
             pipeline_model_parallel_size=par.pipeline_parallel,
             context_parallel_size=par.context_parallel,
         )
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
@@ -67,7 +99,6 @@ def destroy_distributed() -> None:
     """Barrier, then tear down megatron-core's groups and the process group. Every entry point
     ends with it: a gloo rank that exits while a peer still talks to it aborts (SIGABRT seen
     about 1 run in 10 on the 2-rank tests here before this was added)."""
-    from megatron.core import parallel_state as ps
 
     if dist.is_initialized():
         dist.barrier()

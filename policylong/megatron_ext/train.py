@@ -33,10 +33,24 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 
 from policylong.config import Config
+from policylong.datasets import verify_stage_dataset
+from policylong.paths import resolve_model_path, split_source
 
 from . import model as M
+from .data import build_gpt_dataset
 from .parallel import init_distributed
 
 log = logging.getLogger("policylong.train")
@@ -90,8 +104,6 @@ def model_options(cfg: Config, src: str | None = None) -> M.ModelOptions:
         dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     rotary, scale = t.rotary_base or None, t.rope_scaling_factor or None
     if src is not None:
-        from policylong.basemodel import split_source
-
         path = split_source(src)[0]
         if is_megatron_checkpoint(path):
             saved = read_meta(path).get("model_options", {})
@@ -151,7 +163,6 @@ def check_compatible(ckpt: str, hf_cfg: dict) -> None:
 
 def save_checkpoint(ckpt: str, it: int, model, optimizer=None, scheduler=None, extra=None):
     """dist_checkpointing save of model (+ optimizer, scheduler, step state) as iter_<it>."""
-    from megatron.core import dist_checkpointing
 
     final = iter_dir(ckpt, it)
     tmp = final + ".partial"
@@ -180,7 +191,6 @@ def save_checkpoint(ckpt: str, it: int, model, optimizer=None, scheduler=None, e
 def load_checkpoint(ckpt: str, model, optimizer=None, scheduler=None, it: int | None = None):
     """Load iter_<it> (default: the latest) into the model (+ optimizer, scheduler); returns
     the saved step state (``iteration``, ``consumed_samples``, ...)."""
-    from megatron.core import dist_checkpointing
 
     it = latest_iteration(ckpt) if it is None else it
     if it is None:
@@ -229,7 +239,6 @@ def _barrier():
 def resolve_start(src: str) -> tuple[dict, str]:
     """(HF config, folder with config + tokenizer) of a start checkpoint: a HF folder or a
     PolicyLong Megatron checkpoint."""
-    from policylong.basemodel import resolve_model_path
 
     if is_megatron_checkpoint(src):
         return read_meta(src)["hf_config"], os.path.join(src, M.HF_META)
@@ -244,7 +253,6 @@ def build_model(hf_cfg: dict, opts: M.ModelOptions, seq_length: int):
 def load_start_weights(model, src: str, hf_cfg: dict, iteration: int | None = None) -> None:
     """Weights of the stage's start: HF safetensors, or the model part of a Megatron checkpoint
     (any TP/PP layout: dist_checkpointing reshards; ``iteration``: that save, not the latest)."""
-    from policylong.basemodel import resolve_model_path
 
     if is_megatron_checkpoint(src):
         check_compatible(src, hf_cfg)
@@ -256,9 +264,6 @@ def load_start_weights(model, src: str, hf_cfg: dict, iteration: int | None = No
 
 
 def build_optimizer(cfg: Config, model, ddp, steps: int):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     t = cfg.train
     bf16 = model.config.bf16
     ocfg = OptimizerConfig(
@@ -304,14 +309,11 @@ def wrap_float16(model):
     the optimizer's parameters."""
     if not (model.config.bf16 or model.config.fp16):
         return model
-    from megatron.core.transformer.module import Float16Module
 
     return Float16Module(model.config, model)
 
 
 def wrap_ddp(model):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -350,7 +352,6 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     With context parallelism each rank holds 1/CP of every sequence: the (sum, count) pair is
     all-reduced over the CP group and the mean is scaled by CP, because megatron-core's DDP
     averages gradients over DP × CP ranks (Megatron's ``pretrain_gpt`` does the same)."""
-    from megatron.core import parallel_state as ps
 
     losses = output_tensor.float().reshape(-1)
     mask = loss_mask.float().reshape(-1)
@@ -365,8 +366,6 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def forward_step(data_iterator, model):
-    from megatron.core import parallel_state as ps
-
     b = next(data_iterator)
     if ps.get_context_parallel_world_size() > 1:
         from megatron.core.utils import get_batch_on_this_cp_rank
@@ -414,19 +413,18 @@ def plan_stage(
             f"train.global_batch_size = {t.global_batch_size} is not a multiple of "
             f"micro_batch_size × data-parallel size = {t.micro_batch_size} × {dp}"
         )
-    from policylong.datasets import verify_stage_dataset
 
     manifests = [verify_stage_dataset(d) for d in stage_dirs]  # sha256 before any step
-    seq = t.seq_length or min(int(m["seq_length"]) for m in manifests)
+    seq = cfg.data.seq_length
     for d, m in zip(stage_dirs, manifests):
         if seq > int(m["seq_length"]):
             raise TrainError(
-                f"{d}: train.seq_length = {seq} exceeds the dataset's sequences "
+                f"{d}: data.seq_length = {seq} exceeds the dataset's sequences "
                 f"({m['seq_length']} tokens each)"
             )
     if par.context_parallel > 1 and seq % (2 * par.context_parallel) != 0:
         raise TrainError(
-            f"train.seq_length = {seq} must be divisible by 2 × parallel.context_parallel = "
+            f"data.seq_length = {seq} must be divisible by 2 × parallel.context_parallel = "
             f"{2 * par.context_parallel} (load-balanced causal chunks)"
         )
     total = sum(int(m["num_sequences"]) for m in manifests)
@@ -495,11 +493,6 @@ def train_stage(
     """Train one stage from ``start`` (HF folder or Megatron checkpoint) on ``stage_dirs``
     into the checkpoint folder ``out``; resumes when ``out`` already holds a checkpoint.
     Collective over the torchrun world. Returns a summary (final loss, steps, tokens/s)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from .data import build_gpt_dataset
 
     t = cfg.train
     plan = plan_stage(cfg, stage_dirs, start, out)
@@ -637,7 +630,6 @@ def train_stage(
 
 def _mean_loss(losses) -> float | None:
     """Mean 'lm loss' over micro-batches and data-parallel ranks (last pipeline stage only)."""
-    from megatron.core import parallel_state as ps
 
     if not ps.is_pipeline_last_stage() or not losses:
         return None
@@ -651,7 +643,6 @@ def _mean_loss(losses) -> float | None:
 def is_metrics_writer() -> bool:
     """The one rank that holds the loss and writes metrics: last pipeline stage, TP rank 0,
     DP rank 0."""
-    from megatron.core import parallel_state as ps
 
     return (
         ps.is_pipeline_last_stage()
@@ -699,7 +690,6 @@ def convert_hf(cfg: Config, hf_src: str, out: str) -> str:
     """HF folder -> PolicyLong Megatron checkpoint (``iter_0000000``: model weights only) in
     the layout of ``cfg.parallel`` (any layout can load it later: dist_checkpointing
     reshards). Collective over the torchrun world."""
-    from policylong.basemodel import resolve_model_path
 
     path = resolve_model_path(hf_src)
     hf_cfg = M.read_hf_config(path)
@@ -707,7 +697,7 @@ def convert_hf(cfg: Config, hf_src: str, out: str) -> str:
         raise FileExistsError(f"{out} already holds a Megatron checkpoint")
     init_distributed(cfg.parallel, seed=cfg.seed)
     opts = model_options(cfg)
-    seq = cfg.train.seq_length or cfg.data.seq_length
+    seq = cfg.data.seq_length
     model = build_model(hf_cfg, opts, seq)
     M.load_hf_weights(model, hf_cfg, path)
     write_meta(out, hf_cfg, opts, path, {"start": os.path.abspath(path), "converted": True})
@@ -725,7 +715,7 @@ def export_checkpoint(cfg: Config, ckpt: str, hf_out: str, iteration: int | None
     hf_cfg = meta["hf_config"]
     opts = M.ModelOptions(**meta["model_options"])
     init_distributed(cfg.parallel, seed=cfg.seed)
-    seq = cfg.train.seq_length or cfg.data.seq_length
+    seq = cfg.data.seq_length
     model = build_model(hf_cfg, opts, seq)
     load_checkpoint(ckpt, model, it=iteration)
     M.export_hf(model, hf_cfg, opts, hf_out, os.path.join(ckpt, M.HF_META))

@@ -31,9 +31,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from policylong.config import Config
 from policylong.corpus import Document, context_token_id, encode, eos_id, read_documents
+from policylong.datasets import commit, load_manifest, write_stage_dataset
+from policylong.synthetic import planted_recovery
 
 from .assemble import CannotFill, assemble
 from .entropy import root_entropies
@@ -439,9 +442,6 @@ def screen_stage(
     screens its share of the batches and the leader writes the dataset. Every process returns
     the manifest. ``on_batch(b)`` is called once batch ``b`` is on disk; ``extra`` fields go
     into the manifest."""
-    from tqdm import tqdm
-
-    from policylong.datasets import commit, load_manifest, write_stage_dataset
 
     sh = shard or Shard()
     if os.path.exists(out_dir):
@@ -535,8 +535,6 @@ def screen_stage(
 
     gt_path = cfg.path(cfg.corpus.ground_truth) if cfg.corpus.ground_truth else None
     if gt_path and os.path.isfile(gt_path):
-        from policylong.report import planted_recovery
-
         stats["ground_truth"] = planted_recovery(records, gt_path)
         log.info("planted dependencies: %s", json.dumps(stats["ground_truth"]))
 

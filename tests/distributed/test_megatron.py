@@ -111,7 +111,7 @@ def copy_stage(tmp_path_factory):
     "tp,pp,spec", [(1, 1, "local"), (2, 1, "local"), (1, 2, "local"), (2, 1, "sdpa")]
 )
 def test_converted_logits_equal_hf_and_export_round_trips(tp, pp, spec, tiny_models, tmp_path):
-    from policylong.basemodel import resolve_model_path
+    from policylong.paths import resolve_model_path
 
     models = [tiny_models["qwen2"], tiny_models["llama"], resolve_model_path("embedded")]
     args = ["exact", "--json", tmp_path / "r.json", "--tp", tp, "--pp", pp, "--spec", spec]
@@ -188,8 +188,8 @@ def test_stage_trains_from_screened_data_and_resumes_after_kill(screened_stage, 
     """The embedded model trains on a screened stage: the loss falls, checkpoints are saved,
     and a run SIGKILLed after step 12 resumes from its step-10 checkpoint to the same losses
     as the uninterrupted run."""
-    from policylong.basemodel import resolve_model_path
     from policylong.datasets import verify_stage_dataset
+    from policylong.paths import resolve_model_path
 
     m = verify_stage_dataset(screened_stage)
     assert m["num_sequences"] >= 8 and m["seq_length"] == 320
@@ -253,7 +253,7 @@ def test_bf16_stage_saves_and_resumes(screened_stage, tmp_path):
     shape ((896,) does not match model shape ((1152,))"; without the wrap this CPU test fails
     the same way), a run killed after step 5 resumes from step 4 to the same losses, and the
     first loss is the float32 one up to bf16 rounding."""
-    from policylong.basemodel import resolve_model_path
+    from policylong.paths import resolve_model_path
 
     common = [
         "--init",
@@ -336,8 +336,8 @@ def test_cli_convert_then_export_round_trips(tmp_path):
     carries the new base."""
     import torch
 
-    from policylong.basemodel import resolve_model_path
     from policylong.megatron_ext.model import HFWeights, _rope
+    from policylong.paths import resolve_model_path
 
     ck, out = tmp_path / "ck", tmp_path / "hf"
     rc, log = _cli("convert", "--hf", "embedded", "--out", ck, "--set", "train.rotary_base=1e6")
@@ -366,9 +366,12 @@ def test_launch_scripts_dry_run(tmp_path, copy_stage):
         "STAGE": copy_stage,
         "TO": str(tmp_path / "ck"),
         "FROM": "embedded",
-        "CONFIG": "examples/configs/qwen2.5-3b-128k.yaml",
+        "CONFIG": "qwen2.5-3b-128k",
     }
-    extra = ["--set", "train.seq_length=64", "--set", "train.global_batch_size=16"]
+    extra = [
+        *("--set", "data.seq_length=64", "--set", "screening.screen_length=16"),
+        *("--set", "train.global_batch_size=16"),
+    ]
 
     def dry_run(script, **env_extra):
         """(the launch command it prints, the plan)"""
@@ -398,7 +401,7 @@ def test_live_megatron_model_screens_like_the_hf_backend(tp, pp, tmp_path):
     """The on-policy backend: root entropies and NLLs through the live Megatron model (vocab-
     parallel entropy over the TP group, hidden states broadcast over the PP group) equal the
     Hugging Face backend's on the same weights, on every rank."""
-    from policylong.basemodel import resolve_model_path
+    from policylong.paths import resolve_model_path
 
     base = resolve_model_path("embedded")
     torchrun(
@@ -602,7 +605,7 @@ def test_loop_killed_anywhere_resumes_to_the_same_result(loop_run, tmp_path):
 
 def test_recipe_hook_in_a_pretrain_gpt_style_script(loop_run, tmp_path):
     """examples/pretrain_gpt_policylong.py (its own model, optimizer and step; the stage loop
-    through megatron_ext.recipe.StageHook) under torchrun with DP=2: stage 0, screened by the
+    through recipe.StageHook) under torchrun with DP=2: stage 0, screened by the
     live model before any step, has the bytes of `policylong run`'s stage 0; stage 1 is
     screened by the model after stage 0's steps, on disjoint roots; the loss is logged."""
     w, sets = loop_run
@@ -656,7 +659,7 @@ def _hf_nll_entropy(model_dir, seqs):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from policylong.basemodel import resolve_model_path
+    from policylong.paths import resolve_model_path
 
     m = AutoModelForCausalLM.from_pretrained(resolve_model_path(str(model_dir))).double().eval()
     out = []
@@ -674,8 +677,8 @@ def test_report_matches_hugging_face_reference(loop_run, tmp_path):
     """`policylong report` on a finished run: the Fig. 3 losses Loss(M_0) and Loss(M_1) on the
     stage-1 data and the entropy landscape of M_0 equal float64 Hugging Face forwards (M_1
     exported to HF) within 1e-4; the JSON and the PNG plots are written."""
-    from policylong.basemodel import resolve_model_path
     from policylong.corpus import encode, load_tokenizer, read_documents
+    from policylong.paths import resolve_model_path
     from policylong.screening.positions import select_positions
 
     w, sets = loop_run

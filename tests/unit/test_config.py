@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import glob
 import os
 
 import pytest
 
-from policylong.config import Config, load_config
+from policylong.config import PRESET_DIR, Config, load_config, preset_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,6 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
         ("model.dtype=int8", "model.dtype"),
         ("screening.top_k=zero", "screening.top_k"),
         ("screening.verify=maybe", "screening.verify"),
+        ("train.layer_spec=fast", "train.layer_spec"),
+        ("seed=-1", "seed"),
     ],
 )
 def test_invalid_values_name_the_field(override, field):
@@ -53,37 +54,34 @@ def test_overrides_and_hash(tmp_path):
 
 
 def test_demo_preset_is_the_defaults():
-    cfg = load_config(os.path.join(ROOT, "examples", "configs", "demo.yaml"))
-    assert cfg.to_dict() == Config().to_dict()
+    assert load_config("demo").to_dict() == Config().to_dict()
 
 
-@pytest.mark.parametrize(
-    "path", sorted(glob.glob(os.path.join(ROOT, "examples", "configs", "*.yaml")))
-)
-def test_every_preset_loads(path):
-    load_config(path)
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_loads_by_name_and_by_path(name):
+    by_name = load_config(name)
+    assert by_name.to_dict() == load_config(os.path.join(PRESET_DIR, f"{name}.yaml")).to_dict()
+
+
+def test_method_presets_name_their_run():
+    """A method preset sets loop.preset to its own name (its run folder), so two methods never
+    share ``runs/<preset>/``."""
+    methods = [n for n in preset_names() if n in ("policylong", "entropylong", "nextlong")]
+    methods += [n for n in preset_names() if n.startswith("ablation_")]
+    assert len(methods) == 7
+    for name in methods:
+        assert load_config(name).loop.preset == name
 
 
 def test_missing_config_file():
-    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+    with pytest.raises(FileNotFoundError, match="nope.yaml.*shipped preset: ablation_iteration"):
         load_config("nope.yaml")
-
-
-@pytest.mark.parametrize("name", sorted(__import__("policylong.stages").stages.PRESETS))
-def test_loop_presets_agree_with_their_yaml(name):
-    """Each baseline/ablation YAML gives the same config as the preset's overrides."""
-    from policylong.stages import preset_overrides
-
-    a = load_config(os.path.join(ROOT, "examples", "configs", f"{name}.yaml"))
-    b = load_config(None, preset_overrides(name))
-    assert a.to_dict() == b.to_dict()
-    assert a.loop.preset == name
 
 
 def test_several_presets_merge_in_order():
     """A size preset then a method preset: the later file wins field by field."""
-    size = os.path.join(ROOT, "examples", "configs", "qwen2.5-3b-128k.yaml")
-    method = os.path.join(ROOT, "examples", "configs", "entropylong.yaml")
+    size = os.path.join(PRESET_DIR, "qwen2.5-3b-128k.yaml")
+    method = "entropylong"
     c = load_config([size, method], ["loop.stages=4"])
     s = load_config(size)
     assert c.data.seq_length == s.data.seq_length == 131072
@@ -94,3 +92,29 @@ def test_several_presets_merge_in_order():
         "sigma",
     )
     assert c.loop.stages == 4
+
+
+def test_literal_fields_list_their_choices():
+    with pytest.raises(ValueError, match="'data.separator' = 'nl': must be one of eos, none"):
+        load_config(None, ["data.separator=nl"])
+
+
+@pytest.mark.parametrize(
+    "override,changes",
+    [
+        ("screening.tau_pos=0.5", True),
+        ("model.path=/elsewhere", True),
+        ("seed=7", True),
+        ("model.device=cpu", False),
+        ("retrieval.batch_size=7", False),
+        ("retrieval.use_gpu=no", False),
+        ("workdir=/elsewhere", False),
+        ("train.lr=0.5", False),
+        ("parallel.tensor_parallel=2", False),
+        ("loop.stages=9", False),
+    ],
+)
+def test_the_hash_covers_exactly_what_changes_a_stage(override, changes):
+    """Fields marked ``hash=False`` (settings that cannot change a stage dataset's bytes) leave
+    the hash alone; every other field changes it."""
+    assert (load_config(None, [override]).hash() != Config().hash()) is changes

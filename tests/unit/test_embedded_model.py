@@ -8,8 +8,9 @@ import os
 
 import pytest
 
-from policylong.basemodel import ASSET_DIR, gap_probe
+from policylong.basemodel import gap_probe
 from policylong.corpus import load_tokenizer
+from policylong.paths import ASSET_DIR
 
 pytestmark = pytest.mark.slow
 
@@ -43,9 +44,8 @@ def test_content_based_copying(lm):
 
 
 def test_planted_dependency_recovery(tmp_path, lm):
-    from policylong.cli import build_index
     from policylong.config import load_config
-    from policylong.retrieval import Embedder, PassageIndex
+    from policylong.retrieval import Embedder, PassageIndex, build_index
     from policylong.screening.pipeline import screen_stage
     from policylong.synthetic import generate_corpus
 
@@ -74,9 +74,9 @@ def test_sigkill_mid_stage_then_rerun_gives_the_same_bytes(tmp_path):
     import sys
     import time
 
-    from policylong.cli import build_index
     from policylong.config import load_config
     from policylong.datasets import load_manifest
+    from policylong.retrieval import build_index
     from policylong.synthetic import generate_corpus
 
     wd = str(tmp_path)

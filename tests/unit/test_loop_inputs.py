@@ -8,7 +8,7 @@ import json
 import pytest
 
 from policylong.config import load_config
-from policylong.stages import PRESETS, check_loop, preset_overrides
+from policylong.stages import check_loop
 
 
 def _cfg(tmp_path, n_docs=10, **sets):
@@ -50,10 +50,9 @@ def test_context_parallel_is_refused_for_in_loop_screening(tmp_path):
         check_loop(_cfg(tmp_path, **{"parallel.context_parallel": 2}), world=2)
 
 
-def test_unknown_preset(tmp_path):
-    with pytest.raises(ValueError, match="loop.preset 'entropy': one of policylong"):
-        preset_overrides("entropy")
-    assert "entropylong" in PRESETS and "ablation_static_hn_curriculum" in PRESETS
+def test_unknown_preset_names_the_shipped_ones():
+    with pytest.raises(FileNotFoundError, match="entropy .*shipped preset: .*entropylong"):
+        load_config(["entropy"])
 
 
 def test_stage_config_takes_disjoint_roots_and_the_token_budget(tmp_path):

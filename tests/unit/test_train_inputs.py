@@ -61,13 +61,13 @@ def test_stage_sha_mismatch(stage, monkeypatch):
 
 def test_seq_length_beyond_the_data(stage, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
-    with pytest.raises(T.TrainError, match="train.seq_length = 64 exceeds the dataset's"):
-        T.train_stage(cfg(**{"train.seq_length": 64}), [stage], "embedded", "unused")
+    with pytest.raises(T.TrainError, match="data.seq_length = 64 exceeds the dataset's"):
+        T.train_stage(cfg(**{"data.seq_length": 64}), [stage], "embedded", "unused")
 
 
 def test_checkpoint_for_another_architecture(stage, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
-    from policylong.basemodel import resolve_model_path
+    from policylong.paths import resolve_model_path
 
     hf = M.read_hf_config(resolve_model_path("embedded"))
     other = dict(hf, hidden_size=256, num_hidden_layers=4)
@@ -117,7 +117,7 @@ def test_flops_per_token_is_six_per_matmul_weight():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from policylong.basemodel import resolve_model_path
+    from policylong.paths import resolve_model_path
 
     path = resolve_model_path("embedded")
     c = M.read_hf_config(path)

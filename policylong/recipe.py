@@ -28,8 +28,17 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.utils import unwrap_model
 
 from policylong.config import Config
+from policylong.datasets import load_manifest
+from policylong.megatron_ext.data import build_gpt_dataset
+from policylong.megatron_ext.lm import MegatronLanguageModel
+from policylong.megatron_ext.train import batch_indices, collate
+from policylong.retrieval import Embedder, PassageIndex
+from policylong.stages import check_loop, run_dir, screen_loop_stage
 
 
 class StageHook:
@@ -43,11 +52,6 @@ class StageHook:
     """
 
     def __init__(self, cfg: Config, hf_cfg: dict, tokenizer_dir: str, index=None, embedder=None):
-        import torch.distributed as dist
-
-        from policylong.retrieval import Embedder, PassageIndex
-        from policylong.stages import check_loop, run_dir
-
         self.cfg = cfg
         self.hf_cfg = hf_cfg
         self.tokenizer_dir = tokenizer_dir
@@ -74,11 +78,6 @@ class StageHook:
         """Screen stage t's roots with ``model`` (this rank's GPTModel, possibly wrapped in DDP /
         Float16Module) and write the stage dataset; a complete stage is returned as is, a
         partial one resumes. Collective: every rank of the job calls it."""
-        from megatron.core.utils import unwrap_model
-
-        from policylong.stages import screen_loop_stage
-
-        from .lm import MegatronLanguageModel
 
         out = self.stage_dir(t)
         if os.path.isfile(os.path.join(out, "manifest.json")):
@@ -104,9 +103,6 @@ class StageHook:
 
     def dataset(self, t: int, num_samples: int):
         """megatron-core ``GPTDataset`` over stage t (``num_samples`` samples, epochs as needed)."""
-        from policylong.datasets import load_manifest
-
-        from .data import build_gpt_dataset
 
         d = self.stage_dir(t)
         m = load_manifest(d)
@@ -119,9 +115,6 @@ class StageHook:
         ``loss_mask``, ``position_ids``) for optimizer steps ``[start_step, num_steps)`` of
         stage t, ``global_batch_size / (micro_batch_size · DP)`` per step, in the order
         ``policylong train`` uses (deterministic: a resumed run sees the same samples)."""
-        from megatron.core import parallel_state as ps
-
-        from .train import batch_indices, collate
 
         tc = self.cfg.train
         dp = ps.get_data_parallel_world_size()

@@ -24,7 +24,7 @@ Tasks:
                    (RULER asks for every variable holding V; here the last one is queried).
 
 Scores come from the ``LanguageModel`` protocol only (``final_hidden`` + ``head_weight``), via
-the vocab-parallel partials of ``kernels.entropy``: top-1 means the target's logit equals the
+``kernels.fused_linear_stats`` (vocab-parallel): top-1 means the target's logit equals the
 maximum over the (possibly TP-sharded) vocabulary; full logits are never built.
 """
 
@@ -38,13 +38,7 @@ import torch
 
 from policylong import synthetic as syn
 from policylong.corpus import encode, read_documents
-from policylong.kernels.entropy import (
-    _target_logits,
-    combine_partials,
-    finalize_partials,
-    linear_entropy_partials,
-    vocab_shard_offset,
-)
+from policylong.kernels import fused_linear_stats
 from policylong.screening.entropy import gather_rows
 from policylong.synthetic import read_ground_truth
 
@@ -161,7 +155,6 @@ def _assemble(tok, needles, qtoks, length, rng, ctx_id, control) -> Probe:
 @torch.no_grad()
 def score_probes(lm, probes: list[Probe], batch_size: int = 4) -> dict:
     """Top-1 accuracy and mean NLL of the planted values (vocab-parallel, no full logits)."""
-
     seqs = [p.tokens for p in probes]
     rows = [torch.tensor([r for r, _ in p.targets]) for p in probes]
     pad = getattr(lm, "eos_id", 0)
@@ -169,13 +162,9 @@ def score_probes(lm, probes: list[Probe], batch_size: int = 4) -> dict:
     w = lm.head_weight()
     tgt = torch.tensor([t for p in probes for _, t in p.targets], device=hidden.device)
     hidden = hidden.to(w.dtype)
-    m, s, t = linear_entropy_partials(hidden, w)
-    m, s, t = combine_partials(m, s, t, lm.tp_group)
-    _, lse = finalize_partials(m, s, t)
-    start = vocab_shard_offset(w.shape[0], w.shape[1], lm.tp_group)
-    tl = _target_logits(hidden, w, tgt, start, lm.tp_group)
-    nll = (lse - tl).cpu()
-    top1 = (tl >= m - 1e-6 * m.abs().clamp_min(1.0)).cpu()
+    st = fused_linear_stats(hidden, w, tgt, lm.tp_group)
+    nll = st.nll.cpu()
+    top1 = (st.target_logit >= st.max_logit - 1e-6 * st.max_logit.abs().clamp_min(1.0)).cpu()
     return {
         "accuracy": float(top1.float().mean()),
         "nll": float(nll.mean()),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .entropy import fused_linear_entropy_nll
+from .linear_entropy import fused_linear_entropy_nll, linear_entropy_ref
 
 H0_FLOOR = 1e-6
 """H0 below this is treated as this (a zero-entropy position cannot be reduced further)."""
@@ -24,8 +24,6 @@ def entropy_reduction_ref(
     h0: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, tau_pos: float
 ):
     """Float64 reference with full logits."""
-    from .entropy import linear_entropy_ref
-
     k, p, d = hidden.shape
     hb = linear_entropy_ref(hidden.reshape(k * p, d), weight).view(k, p)
     h0 = h0.double().clamp_min(H0_FLOOR)
@@ -53,7 +51,7 @@ def entropy_reduction(
         weight: ``[v_local, d]`` LM-head shard.
         targets: ``[p]`` actual tokens x_i; with ``return_nll`` the NLL of each target under
             each candidate is returned as a third output ``float32 [k, p]`` (the NLL guard).
-        backend: ``auto`` / ``torch`` / ``triton`` (see ``policylong.kernels.entropy``); all
+        backend: ``auto`` / ``torch`` / ``triton`` (``policylong.kernels.dispatch``); all
             K·P rows go through one fused-kernel launch.
     """
     if hidden.dim() != 3:

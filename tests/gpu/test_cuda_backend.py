@@ -43,16 +43,17 @@ def test_hf_backend_cuda_matches_cpu():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-3)])
-def test_logits_gpu_variants_match_float64(dtype, tol):
-    """The inline-PTX ``ex2.approx.ftz`` variant (CUDA only), the per-thread grouped sums and
-    the deferred max (bf16: with and without int32 pairs), compiled, on the exact cases
-    (uniform row: log v; one-hot row among -inf: exactly 0; a row whose max rises in every
-    tile) and random rows at the Qwen2.5 vocabulary, against the float64 reference."""
+def test_logits_configs_match_float64(dtype, tol):
+    """Each shipped config of the logits kernel, compiled, and the autotuned launch, at the
+    Qwen2.5 vocabulary: a uniform row (log v), a one-hot row among -inf (exactly 0), a -inf
+    prefix, a max rising in every tile, -inf logits in a middle tile, random rows."""
+    import importlib
     import math
 
-    import policylong.kernels.entropy as E
     from policylong.kernels import logits_entropy_ref
+    from policylong.kernels.partials import finalize_partials
 
+    LE = importlib.import_module("policylong.kernels.logits_entropy")
     g = torch.Generator().manual_seed(3)
     v = 151_936
     x = torch.randn(37, v, generator=g) * 3
@@ -61,37 +62,58 @@ def test_logits_gpu_variants_match_float64(dtype, tol):
     x[1, 1234] = 3.0
     x[2, : v // 3] = float("-inf")
     x[3] = torch.linspace(-30, 30, v)
-    x[4, 100_000:100_050] = float("-inf")  # defer: a tile redone on its NaN p·x
+    x[4, 100_000:100_050] = float("-inf")
     x = x.to(dtype)
-    variants = [  # block_v, warps, stages, fast_exp, group, defer, pairs (None: bf16 auto)
-        (1024, 1, 2, True, False, False, None),
-        (512, 1, 2, True, False, False, None),
-        (2048, 4, 2, True, False, False, None),
-        (1024, 1, 1, False, True, False, None),
-        (1024, 1, 2, True, True, False, None),
-        (2048, 2, 1, True, True, False, None),
-        (512, 1, 2, True, True, True, None),
-        (1024, 1, 1, True, True, True, None),
-        (1024, 1, 1, True, True, True, False),
-        (2048, 4, 1, False, True, True, None),
-        # 3-stage cp.async pipelines around the deferred fold and its reload on redo
-        (1024, 1, 3, True, True, True, None),
-        (2048, 4, 3, True, True, True, None),
-    ]
-    for block_v, warps, stages, fast_exp, group, defer, pairs in variants:
-        m, s, t = E.logits_entropy_partials_triton(
-            x.cuda(),
-            block_r=1,
-            block_v=block_v,
-            tail=True,
-            stages=stages,
-            num_warps=warps,
-            fast_exp=fast_exp,
-            group=group,
-            defer=defer,
-            pairs=pairs,
+    ref = logits_entropy_ref(x)
+    runs = [
+        dict(
+            block_r=c.kwargs["BLOCK_R"],
+            block_v=c.kwargs["BLOCK_V"],
+            stages=c.kwargs["STAGES"],
+            num_warps=c.num_warps,
         )
-        out = E.finalize_partials(m, s, t)[0].cpu()
-        ref = logits_entropy_ref(x)
-        assert abs(float(out[0]) - math.log(v)) < 1e-5 and float(out[1]) == 0.0
-        assert float((out.double() - ref).norm() / ref.norm()) < tol
+        for c in LE.LOGITS_CONFIGS
+    ]
+    for kw in runs + [{}]:  # {}: the autotuned launch (or the fixed config with autotune off)
+        out = finalize_partials(*LE.logits_entropy_partials_triton(x.cuda(), **kw))[0].cpu()
+        assert abs(float(out[0]) - math.log(v)) < 1e-5 and float(out[1]) == 0.0, kw
+        assert float((out.double() - ref).norm() / ref.norm()) < tol, kw
+
+
+@pytest.mark.parametrize("d", [256, 250])
+def test_linear_configs_match_float64(d):
+    """Each shipped config of the fused linear kernel, compiled, on bf16 at the Qwen2.5
+    vocabulary, entropy and max logit through ``fused_linear_stats``; d = 250 (500-byte rows)
+    takes the pointer path, where tensor descriptors cannot go."""
+    from policylong.kernels import fused_linear_stats, logits_entropy_ref
+    from policylong.kernels import linear_entropy_triton as LT
+    from policylong.kernels.partials import finalize_partials
+
+    g = torch.Generator().manual_seed(1)
+    n, v = 1031, 151_936
+    h = (torch.randn(n, d, generator=g) * 0.1).to(torch.bfloat16)
+    w = (torch.randn(v, d, generator=g) * 0.1).to(torch.bfloat16)
+    t = torch.randint(0, v, (n,), generator=g)
+    logits = h.double() @ w.double().T
+    ref_h = logits_entropy_ref(logits)
+    ent, nll, mx, _ = fused_linear_stats(h.cuda(), w.cuda(), t.cuda())
+    assert float((ent.cpu().double() - ref_h).norm() / ref_h.norm()) < 2e-3
+    assert float((mx.cpu().double() - logits.amax(-1)).norm() / logits.amax(-1).norm()) < 2e-3
+    aligned = LT.tma_ok(h, w)
+    assert aligned == (d == 256)
+    for c in LT._prune_linear(LT.LINEAR_CONFIGS, {"H": h, "W": w}):
+        kw = c.kwargs
+        m, s, tt = LT.linear_entropy_partials_triton(
+            h.cuda(),
+            w.cuda(),
+            block_m=kw["BLOCK_M"],
+            block_n=kw["BLOCK_N"],
+            block_k=kw["BLOCK_K"],
+            tma=kw["TMA"],
+            flatten=kw["FLATTEN"],
+            group_m=kw["GROUP_M"],
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+        )
+        out = finalize_partials(m, s, tt)[0].cpu().double()
+        assert float((out - ref_h).norm() / ref_h.norm()) < 2e-3, c

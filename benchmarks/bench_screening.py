@@ -3,13 +3,13 @@ screening throughput of the CPU demo.
 
 CPU (this is what it was written for)::
 
-    python examples/bench_screening.py                      # both parts, default shapes
-    python examples/bench_screening.py --part entropy --n 256 1024 --d 2048
-    python examples/bench_screening.py --part screening --roots 48
+    python benchmarks/bench_screening.py                      # both parts, default shapes
+    python benchmarks/bench_screening.py --part entropy --n 256 1024 --d 2048
+    python benchmarks/bench_screening.py --part screening --roots 48
 
 One GPU node (entropy part; screening runs on whatever device model.device picks)::
 
-    python examples/bench_screening.py --part entropy --n 2048 8192 --d 2048 4096
+    python benchmarks/bench_screening.py --part entropy --n 2048 8192 --d 2048 4096
 
 Part 1 compares, at vocab 151,936, the materialised path (``logits = hidden @ Wᵀ`` then
 ``log_softmax`` entropy, what a naive screener does) with the chunked fused linear entropy of

@@ -2,18 +2,18 @@
 
 CPU (materialised and chunked; Triton needs CUDA, its interpreter is for tests only)::
 
-    python examples/bench_kernels.py --n 2048 8192 --d 2048 --vocab 151936
+    python benchmarks/bench_kernels.py --n 2048 8192 --d 2048 --vocab 151936
 
 One GPU (the shapes of the issue; adds Triton, a cuBLAS matmul of the same shape and a
 device-to-device copy as the rooflines)::
 
-    python examples/bench_kernels.py --device cuda --dtype bfloat16 \
+    python benchmarks/bench_kernels.py --device cuda --dtype bfloat16 \
         --n 2048 8192 32768 --d 2048 3584 4096 --vocab 151936 128256
 
 Variant sweep on one GPU (every kernel variant of ``LINEAR_VARIANTS`` / ``LOGITS_VARIANTS``
 launched explicitly, no autotuner; rows ``"bench": "kernels_sweep"``)::
 
-    python examples/bench_kernels.py --device cuda --dtype bfloat16 --sweep \
+    python benchmarks/bench_kernels.py --device cuda --dtype bfloat16 --sweep \
         --n 8192 32768 --d 4096 --vocab 151936
 
 Fused linear entropy (``hidden [n, d] @ weight [v, d]ᵀ`` → entropy [n]): seconds, achieved
@@ -54,6 +54,19 @@ def _reset_peak_rss() -> None:
     """Reset VmHWM (the peak RSS) so that it measures only what follows (Linux >= 4.0)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def _row(kind, method, n, d, v, dtype, device) -> dict:
+    """The keys every result row starts with."""
+    return {
+        "kernel": kind,
+        "method": method,
+        "n": n,
+        "d": d,
+        "v": v,
+        "dtype": dtype,
+        "device": device,
+    }
 
 
 def _run(kind: str, method: str, h, w, x):
@@ -117,17 +130,8 @@ def _worker(
     extra = (
         (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _status_mb("VmHWM") - before
     )
-    row = {
-        "kernel": kind,
-        "method": method,
-        "n": n,
-        "d": d if kind == "linear" else None,
-        "v": v,
-        "dtype": dtype,
-        "device": device,
-        "seconds": round(sec, 5),
-        "peak_extra_mb": round(extra, 1),
-    }
+    row = _row(kind, method, n, d if kind == "linear" else None, v, dtype, device)
+    row.update(seconds=round(sec, 5), peak_extra_mb=round(extra, 1))
     if kind == "linear":
         row["tflops"] = round(2.0 * n * d * v / sec / 1e12, 3)
     else:
@@ -147,13 +151,7 @@ def measure(kind, method, n, d, v, dtype, device, reps):
     p.join()
     if p.exitcode != 0:
         return {
-            "kernel": kind,
-            "method": method,
-            "n": n,
-            "d": d,
-            "v": v,
-            "dtype": dtype,
-            "device": device,
+            **_row(kind, method, n, d, v, dtype, device),
             "error": f"exit code {p.exitcode} (out of memory?)",
         }
     return q.get()
@@ -188,15 +186,7 @@ def measure_cuda_group(kind, methods, n, d, v, dtype, device):
 
     rows, outs = [], {}
     for method in methods:
-        row = {
-            "kernel": kind,
-            "method": method,
-            "n": n,
-            "d": d,
-            "v": v,
-            "dtype": dtype,
-            "device": device,
-        }
+        row = _row(kind, method, n, d, v, dtype, device)
         try:
             out = run(method)  # warm-up, compile, autotune
             torch.cuda.synchronize()
@@ -225,9 +215,7 @@ def measure_cuda_group(kind, methods, n, d, v, dtype, device):
             rows.append(row)
             continue
         if method == "triton":  # which autotune config won (None: fixed config)
-            import policylong.kernels.entropy as E
-
-            tuned = E._linear_entropy_tuned if kind == "linear" else E.logits_autotuner()
+            tuned = _autotuner(kind)
             row["config"] = str(getattr(tuned, "best_config", None))
             timings = getattr(tuned, "configs_timings", None) or {}
             row["autotune_ms"] = {
@@ -280,84 +268,39 @@ LINEAR_VARIANTS = {  # name -> keyword arguments of linear_entropy_partials_trit
 }
 
 
-def _logits_variant(
-    block_v, warps, stages, group=False, fast_exp=False, splits=1, defer=False, pairs=None
-):
-    name = f"r1 v{block_v} w{warps} s{stages}" + " group" * group + " defer" * defer
-    name += " fastexp" * fast_exp + " nopairs" * (pairs is False)
-    kw = dict(block_r=1, block_v=block_v, num_warps=warps, stages=stages, lazy=True, tail=True)
-    kw.update(group=group, fast_exp=fast_exp, splits=splits, defer=defer, pairs=pairs)
-    return name + (f" split{splits}" if splits > 1 else ""), kw
+LOGITS_VARIANTS = {  # name -> keyword arguments of logits_entropy_partials_triton
+    f"r1 v{bv} w{w} s{st}": dict(block_r=1, block_v=bv, num_warps=w, stages=st)
+    for bv, w, st in [
+        (1024, 1, 1),
+        (1024, 1, 2),
+        (1024, 1, 3),
+        (1024, 1, 4),
+        (1024, 2, 1),
+        (1024, 2, 2),
+        (512, 1, 1),
+        (512, 1, 2),
+        (512, 1, 3),
+        (2048, 2, 2),
+        (2048, 4, 1),
+        (2048, 4, 2),
+    ]
+}
 
 
-LOGITS_VARIANTS = dict(  # name -> keyword arguments of logits_entropy_partials_triton
-    # every variant: one row per program, lazy rescaling, unmasked whole tiles + masked tail
-    [
-        _logits_variant(bv, w, st, group, fast_exp, splits)
-        for bv, w, st, group, fast_exp, splits in [
-            # per-element lane sums (the autotuned configs; 118 registers at v1024 w1)
-            (1024, 1, 1, False, False, 1),
-            (1024, 1, 2, False, False, 1),
-            # deeper cp.async pipelines: STAGES - 1 tiles in flight per program through 2 KB
-            # of shared memory each, no registers (sm_90 SASS: LDGSTS at STAGES > 1)
-            (1024, 1, 3, False, False, 1),
-            (1024, 1, 4, False, False, 1),
-            (1024, 2, 1, False, False, 1),
-            (512, 1, 1, False, False, 1),
-            (512, 1, 2, False, False, 1),
-            (2048, 4, 2, False, False, 1),
-            (1024, 1, 2, False, True, 1),
-            (512, 1, 2, False, True, 1),
-            (2048, 4, 2, False, True, 1),
-            # sums grouped per thread (registers, Triton 3.6 sm_90: v1024 w1 63-64, v512 w1
-            # 49-53, v2048 w2 56-64, v2048 w4 39-40, v4096 w4 56-64)
-            (1024, 1, 1, True, False, 1),
-            (1024, 1, 2, True, False, 1),
-            (1024, 1, 1, True, True, 1),
-            (1024, 1, 2, True, True, 1),
-            (512, 1, 1, True, False, 1),
-            (512, 1, 2, True, True, 1),
-            (2048, 2, 1, True, False, 1),
-            (2048, 2, 2, True, False, 1),
-            (2048, 2, 1, True, True, 1),
-            (2048, 2, 2, True, True, 1),
-            (2048, 4, 1, True, False, 1),
-            (2048, 4, 1, True, True, 1),
-            (4096, 4, 1, True, True, 1),
-            (1024, 1, 1, True, False, 2),
-            (1024, 1, 2, True, True, 2),
-        ]
-    ]
-    # grouped sums, no tile max, no -inf clamp, shift and scale in one FFMA, bf16 read as
-    # int32 pairs (defer): 5.8 instead of 9.7 SASS instructions per element in the common
-    # path (6.3 without the pairs)
-    + [
-        _logits_variant(bv, w, st, True, fe, 1, defer=True, pairs=pairs)
-        for bv, w, st, fe, pairs in [
-            (1024, 1, 1, True, None),
-            (1024, 1, 1, True, False),
-            (1024, 1, 2, True, None),
-            (1024, 1, 3, True, None),
-            (1024, 1, 4, True, None),
-            (2048, 2, 1, True, None),
-            (512, 1, 1, True, None),
-            (512, 1, 2, True, None),
-            (1024, 2, 1, True, None),
-            (1024, 2, 2, True, None),
-            (1024, 2, 1, True, False),
-            (2048, 4, 1, True, None),
-            (2048, 4, 2, True, None),
-            (2048, 4, 3, True, None),
-            (2048, 4, 1, False, None),
-        ]
-    ]
-    # n = 2K rows fill half of the 4,224 one-warp slots of 132 SMs at 32 warps per SM (the
-    # deferred kernel's occupancy): two vocabulary ranges per row fill them
-    + [_logits_variant(1024, 1, st, True, True, 2, defer=True) for st in (2, 3)]
-)
-LOGITS_VARIANTS["probe r1 v2048 w4 (sum only)"] = dict(
-    block_r=1, block_v=2048, lane=True, num_warps=4, probe=1
-)
+def _kernel_modules():
+    """(the linear kernel's module, the logits op's module): the package exports functions
+    named like the modules, so they are imported by name."""
+    import importlib
+
+    return (
+        importlib.import_module("policylong.kernels.linear_entropy_triton"),
+        importlib.import_module("policylong.kernels.logits_entropy"),
+    )
+
+
+def _autotuner(kind):
+    LT, LE = _kernel_modules()
+    return LT._linear_entropy_tuned if kind == "linear" else LE._logits_entropy_tuned
 
 
 def sweep_cuda(kind, n, d, v, dtype, device, only=None):
@@ -367,35 +310,36 @@ def sweep_cuda(kind, n, d, v, dtype, device, only=None):
     import torch
     import triton.testing
 
-    import policylong.kernels.entropy as E
+    from policylong.kernels import fused_linear_entropy, logits_entropy
+    from policylong.kernels.partials import finalize_partials
 
+    LT, LE = _kernel_modules()
     h, w, x = _cuda_inputs(kind, n, d, v, getattr(torch, dtype), device)
     if kind == "linear":
         roof = lambda: h @ w.T  # noqa: E731
-        ref = E.finalize_partials(*E.linear_entropy_partials(h, w))[0].double()
-        variants, fn, args = LINEAR_VARIANTS, E.linear_entropy_partials_triton, (h, w)
+        ref = fused_linear_entropy(h, w, backend="torch").double()
+        variants, fn, args = LINEAR_VARIANTS, LT.linear_entropy_partials_triton, (h, w)
         work = 2.0 * n * d * v
     else:
         roof = lambda: x.clone()  # noqa: E731
-        ref = E.finalize_partials(*E.logits_entropy_partials_triton(x, block_r=4))[0].double()
-        variants, fn, args = LOGITS_VARIANTS, E.logits_entropy_partials_triton, (x,)
+        ref = logits_entropy(x, backend="torch").double()
+        variants, fn, args = LOGITS_VARIANTS, LE.logits_entropy_partials_triton, (x,)
         work = n * v * x.element_size()
     bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median") / 1e3  # noqa: E731
     roof_s = bench(roof)
     roof_rate = work / roof_s / 1e12 if kind == "linear" else 2 * work / roof_s / 1e9
-    base = {"kernel": kind, "n": n, "d": d, "v": v, "dtype": dtype, "device": device}
-    rows = [{**base, "method": "matmul" if kind == "linear" else "copy", "seconds": roof_s}]
+    rows = [_row(kind, "matmul" if kind == "linear" else "copy", n, d, v, dtype, device)]
+    rows[0]["seconds"] = roof_s
     for name, kw in variants.items():
         if only and not any(o in name for o in only):
             continue
-        row = {**base, "method": "triton", "variant": name}
+        row = {**_row(kind, "triton", n, d, v, dtype, device), "variant": name}
         try:
             t0 = time.perf_counter()
-            out = E.finalize_partials(*fn(*args, **kw))[0].double()
+            out = finalize_partials(*fn(*args, **kw))[0].double()
             torch.cuda.synchronize()
             row["first_call_s"] = round(time.perf_counter() - t0, 2)  # compile included
-            if not kw.get("probe"):
-                row["rel_err"] = float((out - ref).norm() / ref.norm())
+            row["rel_err"] = float((out - ref).norm() / ref.norm())
             sec = bench(lambda kw=kw: fn(*args, **kw))
         except Exception as e:  # noqa: BLE001 - one bad variant must not lose the others
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -480,8 +424,6 @@ def main() -> None:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
-        # the logits autotuner's config set (timed, or all: with the untimed candidates)
-        "logits_configs": os.environ.get("POLICYLONG_LOGITS_CONFIGS", "timed"),
         "device_name": torch.cuda.get_device_name()
         if cuda
         else platform.processor() or platform.machine(),

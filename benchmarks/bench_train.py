@@ -6,12 +6,12 @@ prints a table and appends one JSON row to ``benchmarks/results.jsonl``.
 
 CPU (a smoke run of the tiny shape)::
 
-    python examples/bench_train.py --shape tiny --seq 512 --steps 3
+    python benchmarks/bench_train.py --shape tiny --seq 512 --steps 3
 
 One GPU (Qwen2.5-0.5B shape at 32K tokens, bf16, SDPA attention unless Transformer Engine
 imports)::
 
-    python examples/bench_train.py --shape qwen2.5-0.5b --seq 32768 --steps 4 --gbs 4
+    python benchmarks/bench_train.py --shape qwen2.5-0.5b --seq 32768 --steps 4 --gbs 4
 
 Several GPUs / nodes: run it under ``torchrun`` with ``--set parallel.tensor_parallel=...``.
 """

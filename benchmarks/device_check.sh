@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Every GPU test and benchmark of the project in one call on a lent GPU (device tool), or on
+# any CUDA node; about 7-8 minutes on one H200 (the budgets below add up to 8.5):
+#   bash benchmarks/device_check.sh
+#   SWEEP=1 bash benchmarks/device_check.sh      # + the kernel variant sweep (about 4 minutes)
+#   PHASES="tests train" bash benchmarks/device_check.sh   # a subset of the phases
+# Phases, each with its own timeout and log under $OUT, the rows so far copied to
+# $OUT/results.jsonl after each one (a call cut off at the device tool's limit keeps what it
+# measured):
+#   tests    the kernel tests compiled on CUDA and tests/gpu, one fixed Triton config
+#            (POLICYLONG_TRITON_AUTOTUNE=0: with the autotuner every test shape compiles
+#            every config)
+#   sweep    (SWEEP=1) every variant of bench_kernels' LINEAR_VARIANTS / LOGITS_VARIANTS
+#   grid     the autotuned launches of both kernels over n = 2K/8K/32K, d = 2048/3584/4096,
+#            v = 151,936/128,256 against cuBLAS / a device copy (benchmarks/KERNELS.md)
+#   chunked  the chunked PyTorch path at the headline shape, for the speed-up
+#   train    bench_train at the Qwen2.5-0.5B shape, 32K tokens, bf16, ending with a save
+# The image there has torch and triton but not megatron-core: its wheel travels in .whl/
+# (python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1). The package goes on
+# PYTHONPATH (the repository root holds it); pytest runs from outside the repository.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 CUDA_DEVICE_MAX_CONNECTIONS=1
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-/tmp/out}
+PHASES=${PHASES:-tests grid chunked train}
+[ "${SWEEP:-0}" = 1 ] && PHASES="$PHASES sweep"
+mkdir -p "$OUT"
+if [ -d "$REPO/.whl" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$REPO"/.whl/*.whl || echo "megatron-core wheel: install failed"
+fi
+export PYTHONPATH="$REPO":/tmp/site
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used,memory.total --format=csv
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+save() { cp "$REPO/benchmarks/results.jsonl" "$OUT/results.jsonl"; }
+want() { case " $PHASES " in *" $1 "*) return 0;; esac; return 1; }
+B="python3 $REPO/benchmarks/bench_kernels.py --device cuda --dtype bfloat16"
+if want tests; then
+    echo "== tests (compiled Triton on CUDA, fixed config)"
+    (cd /tmp && POLICYLONG_TRITON_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q \
+        -p no:cacheprovider -rfEs "$REPO/tests/unit/test_entropy.py" "$REPO/tests/gpu" 2>&1 \
+        | tee "$OUT/pytest.log" | tail -15)
+fi
+if want sweep; then
+    echo "== variant sweep"
+    timeout "${SWEEP_TIMEOUT:-240}" $B --sweep --kernels linear logits --n 32768 8192 \
+        --d 4096 --vocab 151936 2>&1 | tee "$OUT/sweep.log"
+    save
+fi
+if want grid; then
+    echo "== autotuned launches, the whole grid"
+    timeout "${GRID_TIMEOUT:-140}" $B --kernels linear logits --methods triton matmul copy \
+        --n 2048 8192 32768 --d 2048 3584 4096 --vocab 151936 128256 2>&1 \
+        | tee "$OUT/bench_grid.log"
+    save
+fi
+if want chunked; then
+    echo "== chunked PyTorch path at the headline shape"
+    timeout "${CHUNKED_TIMEOUT:-40}" $B --kernels linear --methods chunked triton matmul \
+        --n 32768 --d 4096 --vocab 151936 2>&1 | tee "$OUT/bench_chunked.log"
+    save
+fi
+if want train; then
+    echo "== training stage (megatron-core), bf16 save at the end"
+    python3 -c "import megatron.core as mc; print('megatron-core', mc.__version__)"
+    python3 -c "import transformer_engine" 2>/dev/null && echo "transformer_engine: yes" \
+        || echo "transformer_engine: no (sdpa spec)"
+    (cd /tmp && timeout "${TRAIN_TIMEOUT:-180}" python3 "$REPO/benchmarks/bench_train.py" \
+        --shape qwen2.5-0.5b --seq "${SEQ:-32768}" --steps "${STEPS:-3}" --gbs "${GBS:-2}" \
+        --workdir /tmp/bench_train 2>&1 | grep -v "it/s\]\|step/s\]" \
+        | tee "$OUT/bench_train.log" | tail -30)
+    tail -c 4000 /tmp/bench_train/ckpt/metrics.jsonl > "$OUT/metrics.jsonl" 2>/dev/null
+    save
+fi
+exit 0

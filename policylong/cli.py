@@ -20,8 +20,10 @@
 layout that the world size allows (``--set parallel.tensor_parallel=2``; ``run``: CP = 1);
 alone they are a world of one.
 
-Every command takes ``--config FILE.yaml`` (repeatable, merged in order) plus dotted overrides
-``--set screening.percentile=5`` (repeatable) and ``--workdir DIR``.
+Config-driven commands (demo, index, screen, train, run, convert, export, report) take
+``--config PRESET`` (a YAML file or a shipped preset's name; repeatable, merged in order),
+dotted overrides ``--set screening.percentile=5`` (repeatable) and ``--workdir DIR``;
+synth, eval and pretrain-base take only their own flags. docs/cli.md lists every flag.
 """
 
 from __future__ import annotations
@@ -329,6 +331,42 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.cmd in ("train", "convert", "export", "run"):
             _teardown()
+
+
+def reference_markdown() -> str:
+    """The command-line reference (docs/cli.md): every subcommand of ``build_parser()`` with its
+    help and its arguments (flags, defaults, help)."""
+    ap = build_parser()
+    sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    out = [
+        "# Command-line reference",
+        "",
+        "Generated from `policylong.cli.build_parser()` by `python docs/generate.py`; do not edit",
+        "by hand. `policylong -v CMD ...` logs at debug level. `--config` takes a shipped preset",
+        "by name (docs/configuration.md) or a YAML file; fields are set with `--set key=value`.",
+    ]
+    for name, p in sub.choices.items():
+        h = helps[name]
+        out += ["", f"## `policylong {name}`", "", f"{h[:1].upper()}{h[1:]}.", ""]
+        for a in p._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            if a.option_strings:
+                flag = ", ".join(a.option_strings)
+                if a.nargs != 0:
+                    flag += f" {a.metavar or a.dest.upper()}" + (" ..." if a.nargs == "+" else "")
+            else:
+                flag = a.metavar or a.dest
+            notes = ["required"] if a.required else []
+            if isinstance(a, argparse._AppendAction):
+                notes.append("repeatable")
+            d = a.default
+            if d is not None and d is not False and d != argparse.SUPPRESS:
+                notes.append(f"default: `{' '.join(map(str, d)) if isinstance(d, list) else d}`")
+            extra = f" ({'; '.join(notes)})" if notes else ""
+            out.append(f"- `{flag}`{extra}: {a.help or ''}".rstrip(": "))
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

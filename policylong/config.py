@@ -139,7 +139,8 @@ class RetrievalConfig(_Section):
     large corpora. Inner product over L2-normalised embeddings (cosine)."""
 
     nprobe: int = 32
-    """IVF lists probed per query (ignored by flat indexes)."""
+    """Search breadth per query: IVF lists probed, or HNSW's ``efSearch`` (ignored by flat
+    indexes)."""
 
     use_gpu: Literal["auto", "yes", "no"] = field(default="auto", metadata=NO_HASH)
     """``auto``: move the index to GPU when faiss-gpu and CUDA are present; ``yes`` / ``no``."""
@@ -659,3 +660,85 @@ def load_config(path: str | list[str] | None = None, overrides: list[str] | None
 def dump_config(cfg: Config, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+# -- reference (docs/configuration.md) ---------------------------------------------------------
+
+
+def _field_docs() -> dict[str, dict[str, str]]:
+    """Class name -> field -> docstring (the string literal after the field in this file)."""
+    import ast
+    import inspect
+
+    with open(__file__, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    docs: dict[str, dict[str, str]] = {}
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        found = docs.setdefault(cls.name, {})
+        for stmt, nxt in zip(cls.body, cls.body[1:]):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                found[stmt.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
+    return docs
+
+
+def reference_markdown() -> str:
+    """The configuration reference (docs/configuration.md): every section and field of
+    ``Config`` (type, default, docstring), then the presets shipped in ``policylong/presets/``."""
+    import re
+
+    def md(s: str) -> str:  # reST literals -> Markdown code; a bare * is not emphasis
+        parts = re.split(r"``(.+?)``", s)
+        return "".join(f"`{p}`" if i % 2 else p.replace("*", r"\*") for i, p in enumerate(parts))
+
+    docs = _field_docs()
+    hashed = {f.name: f.metadata.get("hash", True) for f in fields(Config)}
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from `policylong/config.py` by `python docs/generate.py`; do not edit by hand.",
+        "A run is YAML presets plus dotted overrides: `--config NAME|FILE` (repeatable, merged in",
+        "order, later files winning field by field) and `--set section.field=value` (repeatable).",
+        "Fields marked *not hashed* do not change a stage dataset's bytes (`Config.hash`).",
+    ]
+    sections = [("Top level", "", Config)] + [(f"`{k}`", k, c) for k, c in _SECTIONS.items()]
+    for title, key, cls in sections:
+        out += ["", f"## {title}", ""]
+        if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
+            out += [md(" ".join(cls.__doc__.split())), ""]
+        if key and not hashed[key]:
+            out += ["*Not hashed* (the whole section).", ""]
+        defaults, hints = cls(), get_type_hints(cls)
+        for f in fields(cls):
+            if f.name in _SECTIONS:
+                continue
+            hint = hints[f.name]
+            if get_origin(hint) is Literal:
+                kind = "one of " + ", ".join(f"`{a}`" for a in get_args(hint))
+            else:
+                names = [getattr(a, "__name__", str(a)) for a in get_args(hint) or (hint,)]
+                kind = "`" + " | ".join(names).replace("NoneType", "None") + "`"
+            default = json.dumps(getattr(defaults, f.name))
+            flag = " *Not hashed.*" if not f.metadata.get("hash", True) else ""
+            doc = md(docs.get(cls.__name__, {}).get(f.name, ""))
+            out.append(
+                f"- **`{key + '.' if key else ''}{f.name}`**: {kind}, default "
+                f"`{default}`. {doc}{flag}"
+            )
+    out += ["", "## Shipped presets (`--config NAME`)", ""]
+    for name in preset_names():
+        text = []  # the leading comment up to its first command line, first sentence only
+        with open(os.path.join(PRESET_DIR, f"{name}.yaml"), encoding="utf-8") as f:
+            for ln in f:
+                body = ln[1:].rstrip() if ln.startswith("#") else ""
+                if not body.strip() or body.startswith(("  ", " policylong")):
+                    break
+                text.append(body.strip())
+        first = re.split(r"(?<=\.)\s", " ".join(text), maxsplit=1)[0]
+        out.append(f"- `{name}`: {md(first)}")
+    return "\n".join(out) + "\n"

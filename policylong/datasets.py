@@ -1,6 +1,6 @@
 """The stage dataset on disk: Megatron indexed dataset + manifest + provenance.
 
-One folder per stage (DESIGN.md)::
+One folder per stage (docs/formats.md)::
 
     data.bin, data.idx   megatron.core IndexedDataset: one document (= one sequence of exactly
                          L tokens) per training sequence; uint16 tokens when the vocabulary

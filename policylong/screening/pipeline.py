@@ -1,6 +1,6 @@
 """The screening pipeline: root documents + model M_t + passage index -> one stage dataset.
 
-Per batch of root documents (DESIGN.md, "SCREEN"):
+Per batch of root documents (docs/design.md, "Screening"):
 entropy -> high-entropy positions -> fragment queries -> candidates -> verification ->
 negatives -> assembly. Every random choice of root ``j`` draws from
 ``default_rng([seed, stage, j])``, so a root's sequence does not depend on which other roots

@@ -1,4 +1,4 @@
-"""The layers of DESIGN.md: imports inside ``policylong/`` run one way, down, at module level.
+"""The layers of docs/design.md: imports inside ``policylong/`` run one way, down, at module level.
 
 Each module has a layer (below); a module may import modules of its own layer or of a lower
 one, never of a higher one, and the import graph has no cycle. Imports of ``policylong``

@@ -1,4 +1,5 @@
-"""PassageIndex over FAISS (flat and IVF), its on-disk round trip, and the offline embedder."""
+"""PassageIndex over FAISS (flat, IVF, HNSW), its on-disk round trip, approximate indexes
+recall against exact search, and the offline embedder."""
 
 from __future__ import annotations
 
@@ -34,6 +35,48 @@ def test_build_search_save_load(tmp_path, passages, embedder, factory):
     assert (r1 == r2).all() and np.allclose(s1, s2)
     assert back.ids == ids and back.texts == texts
     assert back.meta["factory"] == factory
+
+
+class ClusteredVectors:
+    """An embedder over fixed vectors: ``n`` unit vectors around 40 random centres in 32-d, so
+    approximate indexes have neighbourhoods to miss. Text ``p<i>`` is vector i."""
+
+    name = path = "clustered"
+    dim = 32
+
+    def __init__(self, n: int = 3000, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        centres = rng.normal(size=(40, self.dim))
+        x = centres[rng.integers(0, 40, n)] + 0.6 * rng.normal(size=(n, self.dim))
+        self.vectors = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    def encode(self, texts, progress: bool = False) -> np.ndarray:
+        return self.vectors[[int(t[1:]) for t in texts]]
+
+
+def _recall_at_5(index, exact, queries) -> float:
+    _, got = index.search(queries, 5)
+    _, ref = exact.search(queries, 5)
+    return float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(got, ref)]))
+
+
+@pytest.mark.parametrize("factory, breadth", [("IVF32,Flat", 8), ("HNSW16", 32)])
+def test_approximate_indexes_find_the_exact_neighbours(tmp_path, factory, breadth):
+    """recall@5 against a flat index on 300 perturbed queries: >= 0.9 at the configured search
+    breadth (``retrieval.nprobe``: IVF lists probed, HNSW efSearch; measured 0.97 and 0.92),
+    kept across save/load, and well below at breadth 1 (0.69 for IVF: the knob is applied)."""
+    emb = ClusteredVectors()
+    ids = [f"p{i}" for i in range(len(emb.vectors))]
+    exact = PassageIndex.build(ids, ids, emb, factory="Flat")
+    rng = np.random.default_rng(1)
+    q = emb.vectors[:300] + 0.3 * rng.normal(size=(300, emb.dim)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    approx = PassageIndex.build(ids, ids, emb, factory=factory, nprobe=breadth)
+    assert _recall_at_5(approx, exact, q) >= 0.9
+    approx.save(str(tmp_path / "index"))
+    assert _recall_at_5(PassageIndex.load(str(tmp_path / "index")), exact, q) >= 0.9
+    narrow = PassageIndex.build(ids, ids, emb, factory=factory, nprobe=1)
+    assert _recall_at_5(narrow, exact, q) < 0.85
 
 
 def test_bad_factory_names_the_field(passages, embedder):

@@ -6,6 +6,8 @@ import json
 import os
 
 from policylong import synthetic as syn
+from policylong.corpus import load_tokenizer
+from policylong.paths import ASSET_DIR
 
 
 def load(d, name):
@@ -13,12 +15,26 @@ def load(d, name):
         return [json.loads(x) for x in f]
 
 
-def test_ground_truth_matches_text(synth_corpus, tokenizer):
+def test_the_shipped_tokenizer_is_the_language_s(tokenizer_dir):
+    """The embedded model's tokenizer (committed) has exactly the vocabulary, ids included,
+    that ``build_tokenizer`` makes from today's language: a change to the generator that adds or
+    reorders words fails here until the base model is rebuilt (``policylong pretrain-base``)."""
+    with open(os.path.join(ASSET_DIR, "tokenizer.json")) as f:
+        shipped = json.load(f)["model"]["vocab"]
+    with open(os.path.join(tokenizer_dir, "tokenizer.json")) as f:
+        built = json.load(f)["model"]["vocab"]
+    assert shipped == built
+    assert len(shipped) == len(syn.build_language().vocab)
+
+
+def test_ground_truth_matches_text(synth_corpus):
     docs = {d["id"]: d["text"] for d in load(synth_corpus, "docs")}
     passages = {p["id"]: p["text"] for p in load(synth_corpus, "passages")}
-    vocab = tokenizer.get_vocab()
+    shipped = load_tokenizer(ASSET_DIR)  # the embedded model's, not one built from the corpus
+    unk = shipped.unk_token_id
     for t in list(docs.values()) + list(passages.values()):
-        assert all(w in vocab for w in t.split())  # every word is one known token
+        ids = shipped(t, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(t.split()) and unk not in ids  # every word is one known token
     used_entities = set()
     for g in load(synth_corpus, "ground_truth"):
         root = docs[g["root"]]

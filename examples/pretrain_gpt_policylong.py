@@ -17,7 +17,8 @@ Several nodes (Slurm; the same command under srun, see examples/train_multinode.
         --rdzv-endpoint $MASTER_ADDR:29500 examples/pretrain_gpt_policylong.py ...
 
 Writes WORKDIR/runs/<loop.preset>/stage_<t>/ (the same folders `policylong run` writes) and,
-with --save, a Megatron checkpoint after every stage; prints one JSON line per step.
+with --save, a Megatron checkpoint after every stage; prints one JSON line per step (stage,
+step, loss, lr, grad_norm, stage_dir).
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def main() -> None:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--start", default="embedded", help="HF folder or `embedded`")
     ap.add_argument("--steps-per-stage", type=int, default=10)
+    ap.add_argument(
+        "--lr-decay-steps",
+        type=int,
+        help="steps of the learning-rate schedule (Megatron-LM's --lr-decay-iters; then min_lr); "
+        "default: all steps of the run, one schedule over every stage",
+    )
     ap.add_argument("--save", help="checkpoint folder prefix: <save>_<t+1> after stage t")
     ap.add_argument("--metrics", help="write every step's loss here (JSON lines)")
     a = ap.parse_args()
@@ -64,7 +71,8 @@ def main() -> None:
     load_start_weights(model, a.start, hf_cfg)
     ddp = wrap_ddp(wrap_float16(model))
     hook = StageHook(cfg, hf_cfg, tok_dir)
-    opt, sched = build_optimizer(cfg, model, ddp, hook.num_stages * a.steps_per_stage)
+    total = hook.num_stages * a.steps_per_stage
+    opt, sched = build_optimizer(cfg, model, ddp, a.lr_decay_steps or total)
     rank0 = torch.distributed.get_rank() == 0
     step = 0
     for t in range(hook.num_stages):
@@ -76,7 +84,8 @@ def main() -> None:
             r = train_step(cfg, ddp, opt, sched, data, step)  # the step `policylong train` runs
             step += 1
             loss = broadcast_from_writer({"loss": r.loss}, is_metrics_writer())["loss"]
-            row = {"stage": t, "step": step, "loss": loss, "stage_dir": stage_dir}
+            row = {"stage": t, "step": step, "loss": loss, "lr": r.lr, "grad_norm": r.grad_norm}
+            row["stage_dir"] = stage_dir
             if rank0:
                 print(json.dumps(row), flush=True)
                 if a.metrics:

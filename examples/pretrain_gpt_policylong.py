@@ -1,6 +1,8 @@
 """A pretrain_gpt-style Megatron-Core training script with PolicyLong's stage loop wired in
-through ``policylong.recipe.StageHook``: the script owns the model, optimizer and
-training step; between stages the hook re-screens fresh root documents with the live model.
+through ``policylong.recipe.StageHook``: the script owns the model, the optimizer (one
+learning-rate schedule over all stages) and the loop, and runs ``megatron_ext.step.train_step``
+(the step `policylong train` runs); between stages the hook re-screens fresh root documents with
+the live model.
 
 CPU (gloo, the embedded model; needs a workdir with corpus/ and index/, e.g. from
 `policylong demo` or `policylong synth` + `policylong index`):
@@ -15,7 +17,8 @@ Several nodes (Slurm; the same command under srun, see examples/train_multinode.
         --rdzv-endpoint $MASTER_ADDR:29500 examples/pretrain_gpt_policylong.py ...
 
 Writes WORKDIR/runs/<loop.preset>/stage_<t>/ (the same folders `policylong run` writes) and,
-with --save, a Megatron checkpoint after every stage; prints one JSON line per step.
+with --save, a Megatron checkpoint after every stage; prints one JSON line per step (stage,
+step, loss, lr, grad_norm, stage_dir).
 """
 
 from __future__ import annotations
@@ -32,34 +35,44 @@ def main() -> None:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--start", default="embedded", help="HF folder or `embedded`")
     ap.add_argument("--steps-per-stage", type=int, default=10)
+    ap.add_argument(
+        "--lr-decay-steps",
+        type=int,
+        help="steps of the learning-rate schedule (Megatron-LM's --lr-decay-iters; then min_lr); "
+        "default: all steps of the run, one schedule over every stage",
+    )
     ap.add_argument("--save", help="checkpoint folder prefix: <save>_<t+1> after stage t")
     ap.add_argument("--metrics", help="write every step's loss here (JSON lines)")
     a = ap.parse_args()
 
     import torch
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from policylong.config import load_config
-    from policylong.megatron_ext import train as T
+    from policylong.megatron_ext.checkpointing import (
+        close_checkpoint_writer,
+        load_start_weights,
+        model_options,
+        resolve_start,
+        save_checkpoint,
+        write_meta,
+    )
+    from policylong.megatron_ext.model import build_gpt_model
+    from policylong.megatron_ext.optim import build_optimizer, wrap_ddp, wrap_float16
     from policylong.megatron_ext.parallel import destroy_distributed, init_distributed
+    from policylong.megatron_ext.step import broadcast_from_writer, is_metrics_writer, train_step
     from policylong.recipe import StageHook
 
     cfg = load_config(a.config, a.set + [f"workdir={a.workdir}"])
-    tc = cfg.train
-    dp = init_distributed(cfg.parallel, seed=cfg.seed)
+    init_distributed(cfg.parallel, seed=cfg.seed)
     # the script's own model + optimizer (what Megatron-LM's setup_model_and_optimizer does)
-    hf_cfg, tok_dir = T.resolve_start(a.start)
-    model = T.build_model(hf_cfg, T.model_options(cfg), cfg.data.seq_length)
-    T.load_start_weights(model, a.start, hf_cfg)
-    ddp = T.wrap_ddp(T.wrap_float16(model))
+    hf_cfg, tok_dir = resolve_start(a.start)
+    opts = model_options(cfg)
+    model = build_gpt_model(hf_cfg, opts, max_seq_length=cfg.data.seq_length)
+    load_start_weights(model, a.start, hf_cfg)
+    ddp = wrap_ddp(wrap_float16(model))
     hook = StageHook(cfg, hf_cfg, tok_dir)
     total = hook.num_stages * a.steps_per_stage
-    opt, sched = T.build_optimizer(cfg, model, ddp, total)
-    model.config.finalize_model_grads_func = finalize_model_grads
-    model.config.no_sync_func = ddp.no_sync
-    fb = get_forward_backward_func()
-    micro = tc.global_batch_size // (tc.micro_batch_size * dp)
+    opt, sched = build_optimizer(cfg, model, ddp, a.lr_decay_steps or total)
     rank0 = torch.distributed.get_rank() == 0
     step = 0
     for t in range(hook.num_stages):
@@ -68,26 +81,11 @@ def main() -> None:
         data = hook.data_iterator(t, a.steps_per_stage)
         ddp.train()
         for _ in range(a.steps_per_stage):
-            ddp.zero_grad_buffer()
-            opt.zero_grad()
-            losses = fb(
-                forward_step_func=T.forward_step,
-                data_iterator=data,
-                model=[ddp],
-                num_microbatches=micro,
-                seq_length=cfg.data.seq_length,
-                micro_batch_size=tc.micro_batch_size,
-                forward_only=False,
-            )
-            ok, _, _ = opt.step()
-            if not ok:
-                raise RuntimeError(f"step {step + 1}: optimizer step skipped (inf/nan gradients)")
-            sched.step(increment=tc.global_batch_size)
+            r = train_step(cfg, ddp, opt, sched, data, step)  # the step `policylong train` runs
             step += 1
-            loss = T._broadcast_from_writer({"loss": T._mean_loss(losses)}, T.is_metrics_writer())[
-                "loss"
-            ]
-            row = {"stage": t, "step": step, "loss": loss, "stage_dir": stage_dir}
+            loss = broadcast_from_writer({"loss": r.loss}, is_metrics_writer())["loss"]
+            row = {"stage": t, "step": step, "loss": loss, "lr": r.lr, "grad_norm": r.grad_norm}
+            row["stage_dir"] = stage_dir
             if rank0:
                 print(json.dumps(row), flush=True)
                 if a.metrics:
@@ -95,9 +93,9 @@ def main() -> None:
                         f.write(json.dumps(row) + "\n")
         if a.save:
             ck = f"{a.save}_{t + 1}"
-            T.write_meta(ck, hf_cfg, T.model_options(cfg), tok_dir, {"train_steps": step})
-            T.save_checkpoint(ck, step, model, opt, sched)
-    T.close_checkpoint_writer()
+            write_meta(ck, hf_cfg, opts, tok_dir, {"train_steps": step})
+            save_checkpoint(ck, step, model, opt, sched)
+    close_checkpoint_writer()
     destroy_distributed()
 
 

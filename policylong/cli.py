@@ -42,8 +42,10 @@ from policylong.demo import run_demo
 from policylong.evaluation import TASKS, evaluate, plot
 from policylong.lm import load_language_model
 from policylong.logs import setup_logging
+from policylong.megatron_ext.convert import convert_hf, export_checkpoint
 from policylong.megatron_ext.parallel import destroy_distributed
-from policylong.megatron_ext.train import convert_hf, export_checkpoint, plan_stage, train_stage
+from policylong.megatron_ext.plan import plan_stage
+from policylong.megatron_ext.train import train_stage
 from policylong.report import loop_report, summarize_report
 from policylong.retrieval import build_index
 from policylong.stages import run_stages, screen_once
@@ -132,7 +134,7 @@ def cmd_train(args) -> int:
     cfg = _config(args)
     if args.dry_run:
         plan = plan_stage(cfg, args.stage_dir, getattr(args, "from"), args.to, args.world_size)
-        print(json.dumps({k: v for k, v in plan.items() if not k.startswith("_")}, indent=2))
+        print(json.dumps(plan.summary(), indent=2))
         return 0
     res = train_stage(cfg, args.stage_dir, getattr(args, "from"), args.to)
     if _is_rank0():

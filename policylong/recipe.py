@@ -7,9 +7,9 @@ it asks the hook for the next stage's data, screened by the model it is training
     hook = StageHook(cfg, hf_cfg, tokenizer_dir)          # cfg: a policylong Config
     for t in range(hook.num_stages):
         stage_dir = hook.regenerate(model, t)            # every rank calls it (collective)
-        data = hook.data_iterator(t, micro_batch_size, consumed_samples=0)
-        for step in range(steps_per_stage):              # your own training step
-            train_step(forward_step, data, model, optimizer, scheduler)
+        data = hook.data_iterator(t, steps_per_stage)
+        for step in range(steps_per_stage):              # your own step, or PolicyLong's:
+            train_step(cfg, model, optimizer, scheduler, data)   # megatron_ext.step
         save_checkpoint(...)
 
 With Megatron-LM's own ``pretrain()``, which builds its datasets from ``--data-path``, run it
@@ -36,7 +36,7 @@ from policylong.config import Config
 from policylong.datasets import load_manifest
 from policylong.megatron_ext.data import build_gpt_dataset
 from policylong.megatron_ext.lm import MegatronLanguageModel
-from policylong.megatron_ext.train import batch_indices, collate
+from policylong.megatron_ext.step import batch_indices, collate, micro_batches
 from policylong.retrieval import Embedder, PassageIndex
 from policylong.stages import check_loop, run_dir, screen_loop_stage
 
@@ -116,11 +116,10 @@ class StageHook:
         stage t, ``global_batch_size / (micro_batch_size · DP)`` per step, in the order
         ``policylong train`` uses (deterministic: a resumed run sees the same samples)."""
 
-        tc = self.cfg.train
         dp = ps.get_data_parallel_world_size()
         dp_rank = ps.get_data_parallel_rank()
-        micro = tc.global_batch_size // (tc.micro_batch_size * dp)
-        ds = self.dataset(t, num_steps * tc.global_batch_size)
+        micro = micro_batches(self.cfg)
+        ds = self.dataset(t, num_steps * self.cfg.train.global_batch_size)
         device = (
             torch.device("cuda", torch.cuda.current_device())
             if torch.cuda.is_available()

@@ -17,8 +17,8 @@ from tqdm import tqdm
 from policylong.corpus import encode, read_documents
 from policylong.datasets import load_manifest
 from policylong.evaluation import Probe, evaluate, evaluate_planted, planted_probes, score_probes
+from policylong.megatron_ext.checkpointing import read_meta
 from policylong.megatron_ext.lm import megatron_language_model
-from policylong.megatron_ext.train import read_meta
 from policylong.screening.entropy import root_entropies
 from policylong.screening.positions import select_positions
 

@@ -44,16 +44,16 @@ from policylong.corpus import read_documents
 from policylong.datasets import load_manifest
 from policylong.lm import load_language_model
 from policylong.logs import setup_logging
-from policylong.megatron_ext.lm import megatron_language_model
-from policylong.megatron_ext.parallel import destroy_distributed
-from policylong.megatron_ext.train import (
+from policylong.megatron_ext.checkpointing import (
     is_megatron_checkpoint,
     iter_dir,
     latest_iteration,
-    plan_stage,
     read_meta,
-    train_stage,
 )
+from policylong.megatron_ext.lm import megatron_language_model
+from policylong.megatron_ext.parallel import destroy_distributed
+from policylong.megatron_ext.plan import plan_stage
+from policylong.megatron_ext.train import train_stage
 from policylong.paths import split_source
 from policylong.retrieval import open_embedder, open_index
 from policylong.screening.pipeline import Shard, screen_stage
@@ -356,7 +356,7 @@ def run_stages(cfg: Config) -> list[dict]:
         overlap_next = cfg.loop.overlap and t + 1 < T and not complete(nxt)
         train_needed = not checkpoint_done(ckpt)
         steps = (  # one plan (it hashes the stage's files) for the overlap and the warning
-            plan_stage(scfg, [stage_dir], prev, ckpt)["train_steps"]
+            plan_stage(scfg, [stage_dir], prev, ckpt).train_steps
             if train_needed or (overlap_next and cfg.loop.on_policy)
             else None
         )

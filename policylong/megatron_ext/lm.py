@@ -21,9 +21,9 @@ from policylong.config import Config
 from policylong.corpus import context_token_id, eos_id, load_tokenizer
 from policylong.paths import split_source
 
+from .checkpointing import load_start_weights, model_options, resolve_start
 from .model import build_gpt_model, forward_only
 from .parallel import init_distributed
-from .train import load_start_weights, model_options, resolve_start
 
 
 class MegatronLanguageModel:

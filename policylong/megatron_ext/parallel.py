@@ -23,7 +23,7 @@ from . import cpu
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ParallelConfig", "init_distributed", "destroy_distributed"]
+__all__ = ["ParallelConfig", "barrier", "destroy_distributed", "init_distributed", "is_rank0"]
 
 
 TESTED_MEGATRON_CORE = ("0.16", "0.17")
@@ -93,6 +93,17 @@ def init_distributed(par: ParallelConfig, seed: int = 1234, timeout_s: int = 600
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     return dp
+
+
+def is_rank0() -> bool:
+    """True on global rank 0, and in a process without a process group."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """``dist.barrier()`` when a process group exists (a no-op in a plain process)."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def destroy_distributed() -> None:

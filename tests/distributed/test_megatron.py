@@ -604,10 +604,19 @@ def test_loop_killed_anywhere_resumes_to_the_same_result(loop_run, tmp_path):
 
 
 def test_recipe_hook_in_a_pretrain_gpt_style_script(loop_run, tmp_path):
-    """examples/pretrain_gpt_policylong.py (its own model, optimizer and step; the stage loop
-    through recipe.StageHook) under torchrun with DP=2: stage 0, screened by the
-    live model before any step, has the bytes of `policylong run`'s stage 0; stage 1 is
-    screened by the model after stage 0's steps, on disjoint roots; the loss is logged."""
+    """examples/pretrain_gpt_policylong.py (its own model, optimizer and loop; the stage loop
+    through recipe.StageHook; the public ``step.train_step``) under torchrun with DP=2: stage 0,
+    screened by the live model before any step, has the bytes of `policylong run`'s stage 0;
+    stage 1 is screened by the model after stage 0's steps, on disjoint roots.
+
+    Stage 0's steps equal `policylong run`'s (its ckpt_1/metrics.jsonl, one process): same
+    start model, same stage bytes, same seed and sample count (so the same GPTDataset order),
+    and a learning-rate schedule of the same length (``--lr-decay-steps`` = the loop's
+    train.train_steps); the same ``train_step`` gives the same lr, and the same losses and
+    gradient norms up to the DP=2 vs DP=1 reduction order. Stage 1 is not compared: the
+    script keeps one optimizer over both stages (Adam moments, lr at min_lr after the decay),
+    the loop starts a fresh one per stage, and the two stage-1 datasets are screened by models
+    that differ in rounding."""
     w, sets = loop_run
     root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
     metrics = tmp_path / "m.jsonl"
@@ -621,7 +630,9 @@ def test_recipe_hook_in_a_pretrain_gpt_style_script(loop_run, tmp_path):
         "--workdir",
         str(w),
         "--steps-per-stage",
-        "3",
+        "4",
+        "--lr-decay-steps",
+        "4",
         "--metrics",
         str(metrics),
         *map(str, _sets("data.seq_length=512", *LOOP_SETS, "loop.preset=recipe")),
@@ -643,15 +654,20 @@ def test_recipe_hook_in_a_pretrain_gpt_style_script(loop_run, tmp_path):
     roots = [{p["root"] for p in _provenance(runs / "recipe" / f"stage_{t}")} for t in (0, 1)]
     assert roots[0] and roots[1] and not roots[0] & roots[1]
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-    assert [(r["stage"], r["step"]) for r in rows] == [
-        (0, 1),
-        (0, 2),
-        (0, 3),
-        (1, 4),
-        (1, 5),
-        (1, 6),
-    ]
+    assert [(r["stage"], r["step"]) for r in rows] == [(s // 5, s) for s in range(1, 9)]
     assert all(np.isfinite(r["loss"]) for r in rows)
+    loop = [json.loads(x) for x in (runs / "policylong" / "ckpt_1" / "metrics.jsonl").open()]
+    assert [x["step"] for x in loop] == [1, 2, 3, 4]
+    got = rows[:4]
+    assert [x["lr"] for x in got] == [x["lr"] for x in loop]
+    assert np.allclose([x["loss"] for x in got], [x["loss"] for x in loop], rtol=0, atol=1e-5), (
+        got,
+        loop,
+    )
+    assert np.allclose(
+        [x["grad_norm"] for x in got], [x["grad_norm"] for x in loop], rtol=1e-4, atol=0
+    ), (got, loop)
+    assert all(x["lr"] == 1e-5 for x in rows[4:])  # past the decay: train.min_lr
 
 
 def _hf_nll_entropy(model_dir, seqs):

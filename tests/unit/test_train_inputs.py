@@ -12,8 +12,11 @@ import pytest
 
 from policylong.config import ParallelConfig, load_config
 from policylong.datasets import StageDatasetError, commit, write_stage_dataset
+from policylong.megatron_ext import checkpointing as C
 from policylong.megatron_ext import model as M
+from policylong.megatron_ext import step as S
 from policylong.megatron_ext import train as T
+from policylong.megatron_ext.plan import StagePlan, plan_stage
 
 
 @pytest.fixture()
@@ -46,7 +49,7 @@ def test_layout_that_does_not_divide_the_world(stage, monkeypatch):
 
 def test_global_batch_not_divisible(stage, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(T.TrainError, match="global_batch_size = 4 is not a multiple"):
+    with pytest.raises(C.TrainError, match="global_batch_size = 4 is not a multiple"):
         T.train_stage(cfg(), [stage], "embedded", "unused")
 
 
@@ -61,7 +64,7 @@ def test_stage_sha_mismatch(stage, monkeypatch):
 
 def test_seq_length_beyond_the_data(stage, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
-    with pytest.raises(T.TrainError, match="data.seq_length = 64 exceeds the dataset's"):
+    with pytest.raises(C.TrainError, match="data.seq_length = 64 exceeds the dataset's"):
         T.train_stage(cfg(**{"data.seq_length": 64}), [stage], "embedded", "unused")
 
 
@@ -72,8 +75,8 @@ def test_checkpoint_for_another_architecture(stage, tmp_path, monkeypatch):
     hf = M.read_hf_config(resolve_model_path("embedded"))
     other = dict(hf, hidden_size=256, num_hidden_layers=4)
     ck = tmp_path / "ck"
-    T.write_meta(str(ck), other, M.ModelOptions(), None)
-    with pytest.raises(T.TrainError, match="hidden_size: checkpoint 256 vs config 128"):
+    C.write_meta(str(ck), other, M.ModelOptions(), None)
+    with pytest.raises(C.TrainError, match="hidden_size: checkpoint 256 vs config 128"):
         T.train_stage(cfg(), [stage], "embedded", str(ck))
 
 
@@ -128,10 +131,10 @@ def test_flops_per_token_is_six_per_matmul_weight():
         if p.dim() == 2 and "embed_tokens" not in name
     )
     n += c["vocab_size"] * c["hidden_size"]  # the tied head is a matmul too
-    assert T.flops_per_token(c, 0) == 6 * n
-    full = T.flops_per_token(c, 100, causal=False) - T.flops_per_token(c, 0)
+    assert S.flops_per_token(c, 0) == 6 * n
+    full = S.flops_per_token(c, 100, causal=False) - S.flops_per_token(c, 0)
     assert full == 12 * 100 * c["num_hidden_layers"] * c["num_attention_heads"] * M.head_dim(c)
-    assert T.flops_per_token(c, 100) - T.flops_per_token(c, 0) == full / 2  # causal half
+    assert S.flops_per_token(c, 100) - S.flops_per_token(c, 0) == full / 2  # causal half
 
 
 def test_loop_config_validation_and_stage_ranges():
@@ -152,10 +155,7 @@ def test_a_checkpoint_keeps_the_rope_base_it_was_trained_with(tmp_path):
     """Commands that rebuild a trained model without repeating train.rotary_base (report, the
     next stage's train --from) get the checkpoint's RoPE settings, not its HF config's; an
     explicit setting still wins."""
-    import json
-
-    from policylong.config import load_config
-    from policylong.megatron_ext.train import META, model_options
+    from policylong.megatron_ext.checkpointing import META, model_options
 
     ck = tmp_path / "ck"
     ck.mkdir()
@@ -170,3 +170,94 @@ def test_a_checkpoint_keeps_the_rope_base_it_was_trained_with(tmp_path):
     assert (o.rotary_base, o.rope_scaling_factor) == (5e4, 2.0)
     assert model_options(plain, f"{ck}@4").rotary_base == 5e4
     assert model_options(load_config(None, ["train.rotary_base=1e6"]), str(ck)).rotary_base == 1e6
+
+
+DRY_RUN_KEYS = [
+    "world_size",
+    "tensor_parallel",
+    "pipeline_parallel",
+    "context_parallel",
+    "data_parallel",
+    "micro_batches_per_step",
+    "seq_length",
+    "tokens_per_rank_per_micro_batch",
+    "train_steps",
+    "tokens_per_step",
+    "sequences",
+    "start",
+    "resume_from_step",
+    "model",
+    "model_options",
+]
+"""What `policylong train --dry-run` prints; the launch scripts and their test read it."""
+
+
+def test_stage_plan_fields_and_the_dry_run_json(stage, tmp_path, capsys):
+    """``plan_stage`` returns a frozen ``StagePlan``: the layout (TP 2 × DP 2 on 4 ranks, one
+    micro-batch of 2 per rank and step), steps from the data (10 sequences // 4), the start
+    model, and the checked inputs, which the dry run's JSON leaves out; the CLI prints
+    exactly ``summary()``."""
+    import dataclasses
+
+    from policylong.cli import main
+    from policylong.paths import resolve_model_path
+
+    c = cfg(**{"parallel.tensor_parallel": 2, "train.micro_batch_size": 2})
+    p = plan_stage(c, [stage], "embedded", str(tmp_path / "ck"), world_size=4)
+    assert isinstance(p, StagePlan)
+    assert (p.world_size, p.tensor_parallel, p.pipeline_parallel, p.context_parallel) == (
+        4,
+        2,
+        1,
+        1,
+    )
+    assert (p.data_parallel, p.micro_batches_per_step) == (2, 1)
+    assert (p.seq_length, p.tokens_per_rank_per_micro_batch, p.tokens_per_step) == (48, 96, 192)
+    assert (p.train_steps, p.sequences, p.start, p.resume_from_step) == (2, 10, "embedded", None)
+    hf = M.read_hf_config(resolve_model_path("embedded"))
+    assert p.hf_config == hf and p.model["hidden_size"] == hf["hidden_size"] == 128
+    assert p.meta_src == resolve_model_path("embedded")
+    assert [m["num_sequences"] for m in p.manifests] == [10]
+    assert p.model_options == M.ModelOptions(params_dtype="float32")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.train_steps = 3
+
+    s = p.summary()
+    assert list(s) == DRY_RUN_KEYS
+    assert s["model_options"] == dataclasses.asdict(p.model_options)
+    assert s["model"] == {
+        k: hf.get(k)
+        for k in (
+            "model_type",
+            "hidden_size",
+            "vocab_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+        )
+    }
+    capsys.readouterr()
+    args = ["train", "--dry-run", "--stage-dir", stage, "--from", "embedded"]
+    args += ["--to", str(tmp_path / "ck"), "--world-size", "4"]
+    for k in ("screening.screen_length=16", "data.seq_length=48", "train.global_batch_size=4"):
+        args += ["--set", k]
+    args += ["--set", "parallel.tensor_parallel=2", "--set", "train.micro_batch_size=2"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(s))
+
+
+def test_stage_plan_of_a_run_to_resume(stage, tmp_path, monkeypatch):
+    """An output folder with a complete save: the plan resumes at its iteration and rebuilds
+    the model with the options the checkpoint recorded (its RoPE base), not the start's."""
+    from policylong.paths import resolve_model_path
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    hf = M.read_hf_config(resolve_model_path("embedded"))
+    ck = tmp_path / "ck"
+    C.write_meta(str(ck), hf, M.ModelOptions(rotary_base=5e4), None)
+    assert plan_stage(cfg(), [stage], "embedded", str(ck)).resume_from_step is None
+    (ck / C.LATEST).write_text("2")
+    p = plan_stage(cfg(), [stage], "embedded", str(ck))
+    assert p.resume_from_step == 2 and p.world_size == 1
+    assert p.model_options.rotary_base == 5e4
+    assert p.summary()["model_options"]["rotary_base"] == 5e4

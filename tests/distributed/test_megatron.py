@@ -29,27 +29,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, *args, expect_ok: bool = True, timeout: int = 900):
-    """Run the worker under torchrun; returns (exit code, stdout + stderr)."""
+def _launch(nproc: int, target: list[str], args, env_extra=None, timeout: int = 900):
+    """``torchrun --nproc-per-node nproc TARGET ARGS``; returns (exit code, stdout + stderr)."""
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc-per-node={nproc}",
         f"--master-port={_free_port()}",
-        WORKER,
+        *target,
         *map(str, args),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env_extra or {})}
     # output to a file, not a pipe: a helper process a SIGKILLed worker leaves behind would
     # hold a pipe open and block the wait
     with tempfile.TemporaryFile("w+") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env)
         log.seek(0)
-        out = log.read()
+        return rc.returncode, log.read()
+
+
+def torchrun(nproc: int, *args, expect_ok: bool = True, timeout: int = 900):
+    """Run the worker under torchrun; returns (exit code, stdout + stderr)."""
+    rc, out = _launch(nproc, [WORKER], args, timeout=timeout)
     if expect_ok:
-        assert rc.returncode == 0, out[-8000:]
-    return rc.returncode, out
+        assert rc == 0, out[-8000:]
+    return rc, out
 
 
 def _read(path):
@@ -457,21 +462,7 @@ def _provenance(stage_dir):
 
 
 def _torchrun_cli(nproc: int, *args, env_extra=None):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        f"--master-port={_free_port()}",
-        "-m",
-        "policylong.cli",
-        *map(str, args),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env_extra or {})}
-    with tempfile.TemporaryFile("w+") as log:
-        r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=900)
-        log.seek(0)
-        return r.returncode, log.read()
+    return _launch(nproc, ["-m", "policylong.cli"], args, env_extra)
 
 
 def test_on_policy_loop_two_stages_and_rerun(loop_run, tmp_path):

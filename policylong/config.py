@@ -468,6 +468,176 @@ class LoopConfig(_Section):
 
 
 @dataclass
+class AlignConfig(_Section):
+    """Post-training with dGRPO (``policylong align``): G rollouts per prompt from the live
+    policy, task rewards, group advantages, a clipped policy loss and a teacher term. GRPO, OPD,
+    SFT and KD are settings of the same objective (presets ``grpo``, ``opd``, ``sft``, ``kd``,
+    ``dgrpo``); the math is ``policylong.align.objective`` (the rollout loop is not built
+    yet)."""
+
+    SECTION = "align"
+
+    preset: str = "grpo"
+    """Name of the run: its checkpoint, metrics and rollouts go to ``WORKDIR/align/<preset>/``."""
+
+    objective: Literal["rl", "sft", "kd"] = "rl"
+    """``rl``: on-policy, on the policy's own rollouts (GRPO, OPD, dGRPO: reward and teacher
+    terms below); ``sft``: off-policy, the NLL of teacher responses; ``kd``: off-policy
+    distillation on teacher responses, the full-vocabulary KL per token (the fused head's
+    ``kl``, as for ``teacher_form: full``). The clip, reward and advantage settings only apply
+    to ``rl``."""
+
+    teacher: str = "none"
+    """The teacher: a Hugging Face folder or a Megatron checkpoint with the policy's tokenizer,
+    or ``none``. Needed when ``teacher_coef`` > 0 and by ``sft`` / ``kd`` (teacher responses)."""
+
+    group_size: int = 8
+    """G, rollouts sampled per prompt; group advantages need G >= 2."""
+
+    prompts_per_step: int = 8
+    """P, prompts per optimizer step (P·G sequences per step over all data-parallel ranks)."""
+
+    minibatches: int = 1
+    """Optimizer steps per batch of rollouts: its P prompts are split into this many parts, one
+    step each; every step after the first trains on rollouts of an older policy, which the
+    clip bounds."""
+
+    steps: int = 100
+    """Rollout batches (prompts_per_step prompts each) of the run."""
+
+    lr: float = 1.0e-6
+    """Learning rate of the policy (Adam)."""
+
+    max_new_tokens: int = 1024
+    """Longest sampled response, in tokens."""
+
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts; π_θ and π_old are taken at this temperature."""
+
+    reward_weight: float = 1.0
+    """Scale of the task reward before group advantages; 0 drops the reward (pure on-policy
+    distillation, OPD)."""
+
+    normalize_std: bool = True
+    """Group advantage (R - mean_G R) / (std_G R + eps) when true (GRPO), R - mean_G R when
+    false (Dr. GRPO; verl ``norm_adv_by_std_in_grpo``, TRL ``scale_rewards``)."""
+
+    skip_zero_variance: bool = False
+    """Drop groups whose G rewards are all equal (advantage 0) from the batch, every term of
+    the loss included (DAPO's dynamic-sampling filter). With a teacher those groups still
+    carry its guidance, so dGRPO keeps them."""
+
+    clip_low: float = 0.2
+    """ε_low: the ratio π_θ/π_old is clipped below at 1 - ε_low, in (0, 1)."""
+
+    clip_high: float = 0.28
+    """ε_high: the ratio π_θ/π_old is clipped above at 1 + ε_high (DAPO's clip-higher: 0.28;
+    GRPO/PPO: 0.2)."""
+
+    aggregation: Literal["token-mean", "seq-mean"] = "token-mean"
+    """How per-token losses become one number: ``token-mean`` over every response token of the
+    batch (DAPO) or ``seq-mean`` (mean over each response's tokens, then over responses;
+    GRPO, verl ``seq-mean-token-mean``)."""
+
+    teacher_form: Literal["loss", "advantage", "full"] = "loss"
+    """How the teacher enters: ``loss`` adds teacher_coef·k(π_θ, π_T) on the sampled tokens
+    (estimator ``kl_estimator``); ``advantage`` adds teacher_coef·(log π_T - log π_old) to each
+    token's advantage after group normalisation (Tinker's on-policy distillation); ``full`` adds
+    teacher_coef·KL(π_θ‖π_T) summed over the whole vocabulary at every response token (the
+    fused head's ``kl``, from student and teacher hidden states)."""
+
+    teacher_coef: float = 0.0
+    """β (forms ``loss`` and ``full``) or α (form ``advantage``); 0 is GRPO."""
+
+    kl_estimator: Literal["k1", "k2", "k3"] = "k2"
+    """Estimator of the teacher KL on the sampled token y ~ π_θ, for ``teacher_form: loss``,
+    with d = log π_θ(y) - log π_T(y): ``k2`` = d²/2 (its expected gradient is that of the
+    reverse KL(π_θ‖π_T), on-policy distillation's), ``k3`` = exp(-d) - 1 + d (the gradient of
+    the forward KL(π_T‖π_θ)); ``k1`` = d has zero expected gradient as a loss and is refused
+    there (it is an unbiased estimate of the KL's value, for metrics)."""
+
+    ref_coef: float = 0.0
+    """Coefficient of a KL penalty to a frozen reference (the run's starting policy); 0: none,
+    so no reference model is kept (dGRPO's teacher takes the reference's place)."""
+
+    ref_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Estimator of the reference KL on the sampled token (as ``kl_estimator``); ``k3`` is
+    GRPO's (DeepSeekMath)."""
+
+    tis_cap: float = 0.0
+    """Truncated importance sampling when the sampler is not the trainer (other kernels or
+    precision): π_old is then the trainer's recomputation on the rollout's tokens and each
+    token's loss is weighted by min(π_old/π_sampler, tis_cap); at least 1. 0: off (π_old is
+    the sampler's log-probs)."""
+
+    def check(self) -> None:
+        if not self.preset or "/" in self.preset:
+            _fail("align.preset", self.preset, "must be a plain folder name")
+        if not self.teacher:
+            _fail("align.teacher", self.teacher, "must name a model folder or 'none'")
+        for name in ("prompts_per_step", "minibatches", "steps", "max_new_tokens"):
+            v = getattr(self, name)
+            if v < 1:
+                _fail(f"align.{name}", v, "must be >= 1")
+        if self.group_size < 1:
+            _fail("align.group_size", self.group_size, "must be >= 1")
+        if self.prompts_per_step % self.minibatches != 0:
+            _fail(
+                "align.minibatches",
+                self.minibatches,
+                f"must divide align.prompts_per_step={self.prompts_per_step}",
+            )
+        for name in ("lr", "temperature", "clip_high"):
+            if not getattr(self, name) > 0:
+                _fail(f"align.{name}", getattr(self, name), "must be > 0")
+        if not 0 < self.clip_low < 1:
+            _fail("align.clip_low", self.clip_low, "must lie in (0, 1)")
+        for name in ("reward_weight", "teacher_coef", "ref_coef"):
+            if not getattr(self, name) >= 0:
+                _fail(f"align.{name}", getattr(self, name), "must be >= 0")
+        if self.tis_cap != 0 and not self.tis_cap >= 1:
+            _fail("align.tis_cap", self.tis_cap, "must be >= 1 (or 0: off)")
+        needs_teacher = self.objective != "rl" or self.teacher_coef > 0
+        if needs_teacher and self.teacher == "none":
+            why = f"objective {self.objective}" if self.objective != "rl" else "teacher_coef > 0"
+            _fail("align.teacher", self.teacher, f"{why} needs a teacher model folder")
+        if self.objective != "rl":
+            return
+        if self.reward_weight > 0 and self.group_size < 2:
+            _fail(
+                "align.group_size",
+                self.group_size,
+                "group advantages need G >= 2 rollouts per prompt "
+                "(or align.reward_weight=0 for pure OPD)",
+            )
+        if self.reward_weight == 0 and self.teacher_coef == 0:
+            _fail(
+                "align.teacher_coef",
+                self.teacher_coef,
+                "with align.reward_weight=0 the objective is empty: set teacher_coef > 0 (OPD)",
+            )
+        if self.reward_weight == 0 and self.skip_zero_variance:
+            _fail(
+                "align.skip_zero_variance",
+                self.skip_zero_variance,
+                "with align.reward_weight=0 every group has zero variance",
+            )
+        if self.teacher_form == "loss" and self.teacher_coef > 0 and self.kl_estimator == "k1":
+            _fail(
+                "align.kl_estimator",
+                self.kl_estimator,
+                "k1 as a loss has zero expected gradient: use k2 (reverse KL) or k3 "
+                "(forward KL), or teacher_form advantage",
+            )
+        if self.ref_coef > 0 and self.ref_estimator == "k1":
+            _fail(
+                "align.ref_estimator",
+                self.ref_estimator,
+                "k1 as a loss has zero expected gradient: use k2 or k3",
+            )
+
+
+@dataclass
 class Config(_Section):
     seed: int = 1234
     """Seeds every random choice (shuffles, fills); the same seed gives the same bytes."""
@@ -486,6 +656,7 @@ class Config(_Section):
     train: TrainConfig = field(default_factory=TrainConfig, metadata=NO_HASH)
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata=NO_HASH)
     loop: LoopConfig = field(default_factory=LoopConfig, metadata=NO_HASH)
+    align: AlignConfig = field(default_factory=AlignConfig, metadata=NO_HASH)
 
     def check(self) -> None:
         if self.seed < 0:
@@ -536,6 +707,7 @@ _SECTIONS = {
     "train": TrainConfig,
     "parallel": ParallelConfig,
     "loop": LoopConfig,
+    "align": AlignConfig,
 }
 
 

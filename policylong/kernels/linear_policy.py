@@ -69,7 +69,8 @@ def _tile(h_rows: torch.Tensor, w_blk: torch.Tensor, inv_t: float) -> torch.Tens
 def policy_partials(hidden, weight, th, tw, inv_t, row_chunk, vocab_chunk, cdt):
     """Partials over this shard, [n] each in ``cdt``: student ``(m, s, t)``, ``w`` (rescaled
     like ``s``) and teacher ``(mT, sT)`` (the last three None without a teacher). Row chunks
-    outer, so every row's partials are written once (into poisonable buffers)."""
+    outer, so every row's partials are written once (into poisonable buffers); a bf16/fp16
+    weight block is cast to ``cdt`` per tile (n / row_chunk times in all)."""
     n, dev = hidden.shape[0], hidden.device
     teacher = th is not None
     names = ("m", "s", "t", "w", "mT", "sT") if teacher else ("m", "s", "t")
@@ -113,7 +114,9 @@ def target_logit(hidden, weight, targets, vocab_start, inv_t, row_chunk, cdt):
 
 
 def policy_grads(saved, coefs, inv_t, vocab_start, row_chunk, vocab_chunk, want_dw):
-    """(dhidden partial over this shard, dweight of this shard or None), in the compute dtype.
+    """(dhidden [n, d] of this shard's vocabulary in the compute dtype, to be summed over the
+    group; dweight [vocab/tp, d] of this shard in ``weight``'s dtype, or None). Vocab blocks
+    outer (each dweight block is written once), row chunks inner.
 
     ``coefs = (gl, a, b, gk)`` [n]: per tile ``G = p·(a + b·log p − gk·log q) + gl·onehot``
     with ``a = −gl − gh·H − gk·KL`` and ``b = gk − gh``, which is the formula of the module

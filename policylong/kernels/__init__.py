@@ -1,10 +1,13 @@
-"""Entropy kernels for screening and evaluation (installed as ``policylong.kernels``).
+"""Entropy kernels for screening and evaluation, the policy head for alignment (installed as
+``policylong.kernels``).
 
-``logits_entropy``, ``fused_linear_entropy`` and ``entropy_reduction`` are the contract of
-docs/design.md; every path builds logits one tile at a time, never ``[tokens × vocab]`` at once.
-One op per module, its float64 reference beside it: :mod:`.partials` (softmax partials and
-their tensor-parallel combination), :mod:`.linear_entropy` (+ its Triton kernel,
-:mod:`.linear_entropy_triton`), :mod:`.logits_entropy`, :mod:`.entropy_reduction`;
+``logits_entropy``, ``fused_linear_entropy``, ``entropy_reduction`` and ``fused_linear_policy``
+are the contract of docs/design.md; every path builds logits one tile at a time, never
+``[tokens × vocab]`` at once. One op per module, its float64 reference beside it:
+:mod:`.partials` (softmax partials and their tensor-parallel combination),
+:mod:`.linear_entropy` (+ its Triton kernel, :mod:`.linear_entropy_triton`),
+:mod:`.logits_entropy`, :mod:`.entropy_reduction`,
+:mod:`.linear_policy` (log-prob, entropy and exact KL to a teacher, with its backward);
 :mod:`.dispatch` picks the backend (``backend=`` or ``POLICYLONG_ENTROPY_BACKEND``).
 """
 
@@ -17,6 +20,7 @@ from .linear_entropy import (
     linear_entropy_partials,
     linear_entropy_ref,
 )
+from .linear_policy import fused_linear_policy, linear_policy_ref
 from .logits_entropy import logits_entropy, logits_entropy_ref
 from .partials import combine_partials, finalize_partials, vocab_shard_offset
 
@@ -29,9 +33,11 @@ __all__ = [
     "finalize_partials",
     "fused_linear_entropy",
     "fused_linear_entropy_nll",
+    "fused_linear_policy",
     "fused_linear_stats",
     "linear_entropy_partials",
     "linear_entropy_ref",
+    "linear_policy_ref",
     "logits_entropy",
     "logits_entropy_ref",
     "pick_backend",

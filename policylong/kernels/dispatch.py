@@ -59,6 +59,7 @@ def require_triton(x: torch.Tensor) -> None:
         )
 
 
-def alloc(shape, device) -> torch.Tensor:
-    """Output buffers of the Triton launchers (tests poison them with NaN through this)."""
-    return torch.empty(shape, dtype=torch.float32, device=device)
+def alloc(shape, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Output buffers of the Triton launchers and of the policy op (tests poison them with NaN
+    through this)."""
+    return torch.empty(shape, dtype=dtype, device=device)

@@ -48,9 +48,7 @@ def rel(out, ref):
 def poison(monkeypatch):
     """Every Triton output buffer starts as NaN: a row the kernel forgets stays NaN."""
     real = dispatch.alloc
-    monkeypatch.setattr(
-        dispatch, "alloc", lambda shape, device: real(shape, device).fill_(math.nan)
-    )
+    monkeypatch.setattr(dispatch, "alloc", lambda *a, **k: real(*a, **k).fill_(math.nan))
 
 
 def _exact_rows(x: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,6 @@ import time
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from . import synthetic as syn
 
@@ -148,6 +147,7 @@ def build_base_model(
     threads: int | None = None,
 ) -> dict:
     """Train the tiny copy-capable Qwen2 and save it (HF format, with its tokenizer)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM  # third-party, heavy: pretrain-base only
 
     if threads:
         torch.set_num_threads(threads)

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +138,8 @@ def load_tokenizer(model_dir: str):
     give a Qwen2 folder a BPE tokenizer that splits a word-level vocabulary wrongly); anything
     else goes through ``AutoTokenizer`` with ``local_files_only``.
     """
+    # third-party and heavy (1-2 s): imported by the processes that tokenize, not by every rank
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"{model_dir}: model directory not found")

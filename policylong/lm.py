@@ -15,7 +15,6 @@ import os
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from .corpus import context_token_id, eos_id, load_tokenizer
 from .paths import resolve_model_path
@@ -68,6 +67,8 @@ class HFLanguageModel:
     tp_group = None
 
     def __init__(self, path: str, device: str = "auto", dtype: str = "float32"):
+        from transformers import AutoModelForCausalLM  # third-party, heavy: HF backend only
+
         self.path = resolve_model_path(path)
         cfg_file = os.path.join(self.path, "config.json")
         if not os.path.isfile(cfg_file):

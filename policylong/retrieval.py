@@ -22,7 +22,6 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 import torch
-from sentence_transformers import SentenceTransformer
 from tqdm import tqdm
 
 from .config import Config
@@ -52,6 +51,9 @@ class Embedder:
     """Sentence embeddings from a local sentence-transformers model directory, L2-normalised."""
 
     def __init__(self, name: str = "default", device: str | None = None, batch_size: int = 128):
+        # third-party and heavy (1.4 s): imported by the processes that embed, not every rank
+        from sentence_transformers import SentenceTransformer
+
         path = default_embedder_dir() if name == "default" else name
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: embedder model directory not found")

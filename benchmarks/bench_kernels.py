@@ -38,22 +38,7 @@ import os
 import platform
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results.jsonl")
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
-def _reset_peak_rss() -> None:
-    """Reset VmHWM (the peak RSS) so that it measures only what follows (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+from rows import RESULTS, reset_peak_rss, status_mb
 
 
 def _row(kind, method, n, d, v, dtype, device) -> dict:
@@ -119,8 +104,8 @@ def _worker(
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        _reset_peak_rss()
-        before = _status_mb("VmRSS")
+        reset_peak_rss()
+        before = status_mb("VmRSS")
     t0 = time.perf_counter()
     for _ in range(reps):
         out = run()
@@ -128,7 +113,7 @@ def _worker(
         torch.cuda.synchronize()
     sec = (time.perf_counter() - t0) / reps
     extra = (
-        (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _status_mb("VmHWM") - before
+        (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else status_mb("VmHWM") - before
     )
     row = _row(kind, method, n, d if kind == "linear" else None, v, dtype, device)
     row.update(seconds=round(sec, 5), peak_extra_mb=round(extra, 1))

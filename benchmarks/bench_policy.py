@@ -33,22 +33,9 @@ import os
 import platform
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results.jsonl")
+from rows import RESULTS, reset_peak_rss, status_mb
+
 TEMP = 0.9
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _inputs(n, d, v, teacher, dtype, device):
@@ -115,13 +102,13 @@ def _cpu_worker(method, n, d, v, teacher, dtype, reps, warmup, q) -> None:
             _step(method, *args)
         args[0].grad = args[1].grad = None
         gc.collect()
-        _reset_peak_rss()
-        before = _status_mb("VmRSS")
+        reset_peak_rss()
+        before = status_mb("VmRSS")
         t0 = time.perf_counter()
         for _ in range(reps):
             out = _step(method, *args)
         sec = (time.perf_counter() - t0) / reps
-        extra = _status_mb("VmHWM") - before
+        extra = status_mb("VmHWM") - before
         q.put(_finish(_row(method, n, d, v, teacher, dtype, "cpu"), sec, extra, out))
     except Exception as e:  # noqa: BLE001 - an error row, not a lost table
         row = _row(method, n, d, v, teacher, dtype, "cpu")

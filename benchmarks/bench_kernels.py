@@ -31,14 +31,12 @@ Prints a table and appends one JSON row per measurement to ``benchmarks/results.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import multiprocessing as mp
 import os
-import platform
 import time
 
-from rows import RESULTS, reset_peak_rss, status_mb
+from rows import RESULTS, reset_peak_rss, run_meta, status_mb
 
 
 def _row(kind, method, n, d, v, dtype, device) -> dict:
@@ -401,18 +399,8 @@ def main() -> None:
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
 
-    import torch
-
     cuda = args.device.startswith("cuda")
-    meta = {
-        "bench": "kernels",
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "cpus": os.cpu_count(),
-        "device_name": torch.cuda.get_device_name()
-        if cuda
-        else platform.processor() or platform.machine(),
-    }
+    meta = run_meta("kernels", cuda)
     try:
         import triton
 

@@ -26,14 +26,11 @@ Prints a table and appends one JSON row per measurement to ``benchmarks/results.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import multiprocessing as mp
-import os
-import platform
 import time
 
-from rows import RESULTS, reset_peak_rss, status_mb
+from rows import RESULTS, reset_peak_rss, run_meta, status_mb
 
 TEMP = 0.9
 
@@ -182,7 +179,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import psutil
-    import torch
 
     cuda = args.device.startswith("cuda")
     reps = args.reps or (5 if cuda else 1)
@@ -190,15 +186,7 @@ def main() -> None:
     methods = args.methods or (
         ["materialised", "chunked", "triton"] if cuda else ["materialised", "chunked"]
     )
-    meta = {
-        "bench": "policy",
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "cpus": os.cpu_count(),
-        "device_name": torch.cuda.get_device_name()
-        if cuda
-        else platform.processor() or platform.machine(),
-    }
+    meta = run_meta("policy", cuda)
     rows = []
     for v in args.vocab:
         for d in args.d:

@@ -1,8 +1,10 @@
-"""What the CPU benchmarks share: the results file and peak-RSS measurement (Linux /proc)."""
+"""What the benchmarks share: the results file, the row header, peak-RSS measurement (Linux)."""
 
 from __future__ import annotations
 
+import datetime
 import os
+import platform
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.jsonl")
 """Every benchmark appends its JSON rows here."""
@@ -21,3 +23,18 @@ def reset_peak_rss() -> None:
     """Reset VmHWM (the peak RSS) so that it measures only what follows (Linux >= 4.0)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def run_meta(bench: str, cuda: bool) -> dict:
+    """The fields every row of a run starts with: what ran, when, on which machine."""
+    import torch
+
+    return {
+        "bench": bench,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "device_name": torch.cuda.get_device_name()
+        if cuda
+        else platform.processor() or platform.machine(),
+    }

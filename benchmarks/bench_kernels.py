@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import time
 
-from rows import RESULTS, reset_peak_rss, run_meta, status_mb
+from rows import RESULTS, in_fresh_process, reset_peak_rss, run_meta, status_mb
 
 
 def _row(kind, method, n, d, v, dtype, device) -> dict:
@@ -127,17 +126,8 @@ def _worker(
 
 
 def measure(kind, method, n, d, v, dtype, device, reps):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_worker, args=(kind, method, n, d, v, dtype, device, reps, q))
-    p.start()
-    p.join()
-    if p.exitcode != 0:
-        return {
-            **_row(kind, method, n, d, v, dtype, device),
-            "error": f"exit code {p.exitcode} (out of memory?)",
-        }
-    return q.get()
+    args = (kind, method, n, d, v, dtype, device, reps)
+    return in_fresh_process(_worker, args, _row(kind, method, n, d, v, dtype, device))
 
 
 def _cuda_inputs(kind, n, d, v, dt, device):

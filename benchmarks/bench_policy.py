@@ -27,10 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import time
 
-from rows import RESULTS, reset_peak_rss, run_meta, status_mb
+from rows import RESULTS, in_fresh_process, reset_peak_rss, run_meta, status_mb
 
 TEMP = 0.9
 
@@ -113,15 +112,8 @@ def _cpu_worker(method, n, d, v, teacher, dtype, reps, warmup, q) -> None:
 
 
 def measure_cpu(method, n, d, v, teacher, dtype, reps, warmup):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_cpu_worker, args=(method, n, d, v, teacher, dtype, reps, warmup, q))
-    p.start()
-    p.join()
-    if p.exitcode != 0:
-        row = _row(method, n, d, v, teacher, dtype, "cpu")
-        return {**row, "error": f"exit code {p.exitcode} (out of memory?)"}
-    return q.get()
+    args = (method, n, d, v, teacher, dtype, reps, warmup)
+    return in_fresh_process(_cpu_worker, args, _row(method, n, d, v, teacher, dtype, "cpu"))
 
 
 def measure_cuda(method, n, d, v, teacher, dtype, device, reps, warmup):

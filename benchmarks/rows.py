@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import multiprocessing as mp
 import os
 import platform
 
@@ -38,3 +39,16 @@ def run_meta(bench: str, cuda: bool) -> dict:
         if cuda
         else platform.processor() or platform.machine(),
     }
+
+
+def in_fresh_process(target, args: tuple, error_row: dict) -> dict:
+    """Run ``target(*args, queue)`` in a spawned process (so its peak RSS is its own) and
+    return the row it puts on the queue, or ``error_row`` with the exit code if it died."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, q))
+    p.start()
+    p.join()
+    if p.exitcode != 0:
+        return {**error_row, "error": f"exit code {p.exitcode} (out of memory?)"}
+    return q.get()

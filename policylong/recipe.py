@@ -37,7 +37,7 @@ from policylong.datasets import load_manifest
 from policylong.megatron_ext.data import build_gpt_dataset
 from policylong.megatron_ext.lm import MegatronLanguageModel
 from policylong.megatron_ext.step import batch_indices, collate, micro_batches
-from policylong.retrieval import Embedder, PassageIndex
+from policylong.retrieval import open_embedder, open_index
 from policylong.stages import check_loop, run_dir, screen_loop_stage
 
 
@@ -59,12 +59,8 @@ class StageHook:
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.roots_per_stage = check_loop(cfg, world)
         self.root = run_dir(cfg)
-        self.index = index or PassageIndex.load(
-            cfg.path(cfg.retrieval.index_dir), cfg.retrieval.use_gpu, nprobe=cfg.retrieval.nprobe
-        )
-        self.embedder = embedder or Embedder(
-            cfg.retrieval.embedder, batch_size=cfg.retrieval.batch_size
-        )
+        self.index = index or open_index(cfg)
+        self.embedder = embedder or open_embedder(cfg)
 
     def stage_dir(self, t: int) -> str:
         return os.path.join(self.root, f"stage_{t}")

@@ -418,6 +418,4 @@ def run_stages(cfg: Config) -> list[dict]:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(_overlap_main(sys.argv[1:]))

@@ -15,14 +15,17 @@
     policylong eval --model DIR --out DIR           synthetic NIAH probes per length (JSON, PNG)
     policylong run --config C [--stages 4]          the on-policy loop: screen with M_t, train
     policylong report --workdir DIR [--presets ...] per-stage report of loop runs (JSON, PNG)
+    policylong align --config dgrpo --from CKPT --teacher DIR
+                                                    post-training on the policy's own rollouts
+                                                    (dGRPO; presets grpo, opd, sft, kd)
 
-``train``, ``convert``, ``export`` and ``run`` run under ``torchrun`` with any TP×PP×CP×DP
-layout that the world size allows (``--set parallel.tensor_parallel=2``; ``run``: CP = 1);
-alone they are a world of one.
+``train``, ``convert``, ``export``, ``run`` and ``align`` run under ``torchrun`` with any
+TP×PP×CP×DP layout that the world size allows (``--set parallel.tensor_parallel=2``; ``run``:
+CP = 1; ``align``: TP×DP); alone they are a world of one.
 
-Config-driven commands (demo, index, screen, train, run, convert, export, report) take
-``--config PRESET`` (a YAML file or a shipped preset's name; repeatable, merged in order),
-dotted overrides ``--set screening.percentile=5`` (repeatable) and ``--workdir DIR``;
+Config-driven commands (demo, index, screen, train, run, convert, export, report, align)
+take ``--config PRESET`` (a YAML file or a shipped preset's name; repeatable, merged in
+order), dotted overrides ``--set screening.percentile=5`` (repeatable) and ``--workdir DIR``;
 synth, eval and pretrain-base take only their own flags. docs/cli.md lists every flag.
 """
 
@@ -36,6 +39,7 @@ import sys
 
 import torch.distributed as dist
 
+from policylong.align.loop import run_align
 from policylong.basemodel import build_base_model
 from policylong.config import load_config
 from policylong.demo import run_demo
@@ -171,6 +175,20 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_align(args) -> int:
+    shortcuts = {
+        "model.path": args.start,
+        "align.teacher": args.teacher,
+        "align.steps": args.steps,
+        "align.preset": args.name,
+    }
+    args.set = list(args.set or []) + [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
+    res = run_align(_config(args))
+    if _is_rank0():
+        print(json.dumps(res, indent=2))
+    return 0
+
+
 def cmd_eval(args) -> int:
     lm = load_language_model(args.model, device=args.device, dtype=args.dtype)
     tasks = tuple(args.tasks or TASKS)
@@ -296,6 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--screen-length", type=int, help="tokens of each root screened")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser(
+        "align", help="post-training on the policy's rollouts: dGRPO, GRPO, OPD, SFT, KD"
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--from", dest="start", help="start policy: HF folder or checkpoint (= model.path)"
+    )
+    p.add_argument("--teacher", help="teacher: HF folder or Megatron checkpoint (= align.teacher)")
+    p.add_argument("--steps", type=int, help="rollout batches (= align.steps)")
+    p.add_argument("--name", help="run name, WORKDIR/align/NAME/ (= align.preset)")
+    p.set_defaults(func=cmd_align)
+
     p = sub.add_parser("eval", help="synthetic long-context probes (NIAH) at several lengths")
     p.add_argument("--model", default="embedded", help="HF folder or 'embedded'")
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024])
@@ -331,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     finally:
-        if args.cmd in ("train", "convert", "export", "run"):
+        if args.cmd in ("train", "convert", "export", "run", "align"):
             _teardown()
 
 

@@ -472,8 +472,7 @@ class AlignConfig(_Section):
     """Post-training with dGRPO (``policylong align``): G rollouts per prompt from the live
     policy, task rewards, group advantages, a clipped policy loss and a teacher term. GRPO, OPD,
     SFT and KD are settings of the same objective (presets ``grpo``, ``opd``, ``sft``, ``kd``,
-    ``dgrpo``); the math is ``policylong.align.objective`` (the rollout loop is not built
-    yet)."""
+    ``dgrpo``); the math is ``policylong.align.objective``, the loop ``policylong.align.loop``."""
 
     SECTION = "align"
 
@@ -491,6 +490,20 @@ class AlignConfig(_Section):
     """The teacher: a Hugging Face folder or a Megatron checkpoint with the policy's tokenizer,
     or ``none``. Needed when ``teacher_coef`` > 0 and by ``sft`` / ``kd`` (teacher responses)."""
 
+    tasks: str = "lookup"
+    """Task families to generate prompts from, comma-separated (``policylong.tasks``), when
+    ``task_file`` is ``none``; the file is written to ``WORKDIR/align/<preset>/tasks.jsonl``."""
+
+    task_file: str = "none"
+    """A JSON-lines task file (``policylong.tasks``: id, task, prompt, answer per row) to train
+    on instead of generated tasks; relative paths are under the workdir."""
+
+    num_tasks: int = 256
+    """Prompts generated when ``task_file`` is ``none`` (cycled over in a seeded order)."""
+
+    task_length: int = 512
+    """Length of each generated prompt, in tokens (context + question)."""
+
     group_size: int = 8
     """G, rollouts sampled per prompt; group advantages need G >= 2."""
 
@@ -506,7 +519,16 @@ class AlignConfig(_Section):
     """Rollout batches (prompts_per_step prompts each) of the run."""
 
     lr: float = 1.0e-6
-    """Learning rate of the policy (Adam)."""
+    """Learning rate of the policy (Megatron's Adam, constant; weight decay and gradient
+    clipping from ``train.*``)."""
+
+    micro_batch_size: int = 8
+    """Response rows per forward/backward micro-batch (memory); the step's gradient is the
+    same for any value."""
+
+    save_interval: int = 0
+    """Save a checkpoint every this many steps (0: only at the end); a killed run resumes
+    from its last save and reproduces the same rollouts."""
 
     max_new_tokens: int = 1024
     """Longest sampled response, in tokens."""
@@ -575,7 +597,21 @@ class AlignConfig(_Section):
             _fail("align.preset", self.preset, "must be a plain folder name")
         if not self.teacher:
             _fail("align.teacher", self.teacher, "must name a model folder or 'none'")
-        for name in ("prompts_per_step", "minibatches", "steps", "max_new_tokens"):
+        if not self.tasks.strip():
+            _fail("align.tasks", self.tasks, "must name at least one task family")
+        if not self.task_file:
+            _fail("align.task_file", self.task_file, "must name a file or 'none'")
+        if self.save_interval < 0:
+            _fail("align.save_interval", self.save_interval, "must be >= 0")
+        for name in (
+            "prompts_per_step",
+            "minibatches",
+            "steps",
+            "max_new_tokens",
+            "num_tasks",
+            "task_length",
+            "micro_batch_size",
+        ):
             v = getattr(self, name)
             if v < 1:
                 _fail(f"align.{name}", v, "must be >= 1")

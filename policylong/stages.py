@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from policylong.config import Config, dump_config, load_config
 from policylong.corpus import read_documents
 from policylong.datasets import load_manifest
 from policylong.lm import load_language_model
-from policylong.logs import setup_logging
+from policylong.logs import die_if, faults, setup_logging
 from policylong.megatron_ext.checkpointing import (
     is_megatron_checkpoint,
     iter_dir,
@@ -105,26 +104,8 @@ def screen_once(cfg: Config, out_dir: str, overwrite: bool = False) -> dict:
     )
 
 
-FAULT_ENV = "POLICYLONG_FAULT"
-"""Fault injection for the resumability tests: a comma-separated list of ``screen:T:B`` (die
-after batch B of stage T's screening is on disk), ``train:T:S`` (die after training step S of
-stage T) and ``stage:T`` (die after stage T finished, before it is recorded in loop.json).
-"Die" is SIGKILL: nothing is flushed or cleaned up, as in a preempted job."""
-
-
-def _faults() -> set[str]:
-    return {f.strip() for f in os.environ.get(FAULT_ENV, "").split(",") if f.strip()}
-
-
-def _die_if(point: str) -> None:
-    if point in _faults():
-        log.warning("%s=%s: killing this process at %s", FAULT_ENV, os.environ[FAULT_ENV], point)
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _kill_step(t: int) -> int | None:
-    for f in _faults():
+    for f in faults():
         kind, _, rest = f.partition(":")
         if kind == "train" and rest.split(":")[0] == str(t):
             return int(rest.split(":")[1])
@@ -265,7 +246,7 @@ def screen_loop_stage(
         stage_dir,
         model_desc=model_desc,
         shard=_shard(),
-        on_batch=lambda b: _die_if(f"screen:{t}:{b}"),
+        on_batch=lambda b: die_if(f"screen:{t}:{b}"),
         extra={"staleness": staleness} if staleness else None,
     )
     return stage_dir
@@ -390,7 +371,7 @@ def run_stages(cfg: Config) -> list[dict]:
                 )
             log.info("stage %d: training %s -> %s", t, prev, ckpt)
             train_stage(scfg, [stage_dir], prev, ckpt, kill_at_step=_kill_step(t))
-            _die_if(f"stage:{t}")
+            die_if(f"stage:{t}")
         summary = {
             "stage": t,
             "stage_dir": stage_dir,

@@ -115,21 +115,52 @@ def teacher_advantage(
     return advantages.detach() + coef * (logp_teacher.detach() - logp_old.detach())
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, mode: str, denominator: float | None = None
+) -> torch.Tensor:
     """One number from ``per_token[B, T]`` over the tokens of ``mask[B, T]``: ``token-mean``
     (every masked token of the batch weighs the same) or ``seq-mean`` (mean over each row's
     tokens, then over the rows that have any). 0 (with the graph kept) when nothing is
-    masked."""
+    masked.
+
+    ``denominator``: divide by this count instead of this batch's own (masked tokens for
+    ``token-mean``, non-empty rows for ``seq-mean``). A loop that splits a batch over
+    micro-batches and data-parallel ranks passes the count of the whole batch, so the sum of
+    the parts is the loss of the whole."""
     m = mask.to(per_token.dtype)
     total = (per_token * m).sum(dim=-1)
     count = m.sum(dim=-1)
     if mode == "token-mean":
-        return total.sum() / count.sum().clamp(min=1)
+        den = count.sum().clamp(min=1) if denominator is None else max(denominator, 1)
+        return total.sum() / den
     if mode == "seq-mean":
         rows = count > 0
         per_row = total / count.clamp(min=1)
-        return (per_row * rows).sum() / rows.sum().clamp(min=1)
+        den = rows.sum().clamp(min=1) if denominator is None else max(denominator, 1)
+        return (per_row * rows).sum() / den
     raise ValueError(f"aggregation {mode!r}: must be one of {', '.join(AGGREGATIONS)}")
+
+
+def aggregation_count(mask: torch.Tensor, mode: str) -> int:
+    """What ``aggregate`` divides by for ``mask[B, T]``: masked tokens (``token-mean``) or
+    rows with any masked token (``seq-mean``); summed over a batch's parts it is the
+    ``denominator`` of the whole."""
+    if mode == "token-mean":
+        return int(mask.sum())
+    return int((mask.sum(dim=-1) > 0).sum())
+
+
+def rollout_advantages(cfg: AlignConfig, rewards: torch.Tensor):
+    """Group advantages of ``rewards[P, G]`` as ``cfg`` defines them (``reward_weight``,
+    ``normalize_std``): ``(advantages[P, G], zero_variance bool[P])``. G = 1 is allowed only
+    for pure on-policy distillation (``reward_weight`` 0): advantages are then 0."""
+    p, g = rewards.shape
+    if g >= 2:
+        return group_advantages(cfg.reward_weight * rewards, cfg.normalize_std)
+    if cfg.reward_weight > 0:
+        group_advantages(rewards, cfg.normalize_std)  # raises, naming G
+    zeros = torch.zeros(p, g, dtype=torch.float64, device=rewards.device)
+    return zeros, torch.ones(p, dtype=torch.bool, device=rewards.device)
 
 
 def _need(name: str, t: torch.Tensor | None, why: str) -> torch.Tensor:
@@ -153,6 +184,8 @@ def dgrpo_loss(
     kl: torch.Tensor | None = None,
     logp_ref: torch.Tensor | None = None,
     logp_sampler: torch.Tensor | None = None,
+    advantages: torch.Tensor | None = None,
+    denominator: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one (mini)batch as ``cfg`` defines it, and its metrics.
 
@@ -162,46 +195,53 @@ def dgrpo_loss(
     (forms ``loss`` and ``advantage``); ``kl[B, T]``: the exact full-vocabulary KL(π_θ‖π_T) per
     position, with its graph (form ``full`` and ``kd``; the fused policy head gives it);
     ``logp_ref[B, T]`` (``ref_coef`` > 0); ``logp_sampler[B, T]`` (``tis_cap`` > 0).
+    ``advantages[B]``: group advantages computed by the caller over whole groups (a loop
+    whose micro-batch holds part of a group; ``rollout_advantages``), used instead of
+    ``rewards``; the caller then masks skipped groups itself. ``denominator``: see
+    ``aggregate`` (every term is divided by it).
 
     ``sft``: the NLL of the (teacher's) tokens; ``kd``: ``kl`` on them; ``rl``: the clipped
     policy loss with group advantages of ``reward_weight``·rewards, plus the teacher term of
     ``teacher_form`` and the reference KL. Returns ``(loss scalar, metrics)``."""
     mode = cfg.aggregation
+
+    def agg(x, m):
+        return aggregate(x, m, mode, denominator)
+
     if logp.shape != mask.shape:
         raise ValueError(f"logp {tuple(logp.shape)} and mask {tuple(mask.shape)} differ")
     mask = mask.bool()
     metrics: dict[str, float] = {"tokens": float(mask.sum())}
     if cfg.objective == "sft":
-        loss = aggregate(-logp, mask, mode)
+        loss = agg(-logp, mask)
         metrics.update(loss=float(loss.detach()), nll=float(loss.detach()))
         return loss, metrics
     if cfg.objective == "kd":
         kl = _need("kl", kl, "objective kd (the full-vocabulary KL per token)")
-        loss = aggregate(kl, mask, mode)
+        loss = agg(kl, mask)
         metrics.update(loss=float(loss.detach()), kl_teacher=_masked_mean(kl, mask))
         return loss, metrics
 
-    rewards = _need("rewards", rewards, "objective rl")
-    p, g = rewards.shape
-    if p * g != logp.shape[0]:
-        raise ValueError(
-            f"rewards [{p}, {g}] need P·G = {p * g} response rows, logp has {logp.shape[0]}"
-        )
     logp_old = logp.detach() if logp_old is None else logp_old.detach()
-    if g >= 2:
-        adv, zero_var = group_advantages(cfg.reward_weight * rewards, cfg.normalize_std)
-    else:  # one rollout per prompt: only pure OPD (reward_weight 0) allows it
-        if cfg.reward_weight > 0:
-            group_advantages(rewards, cfg.normalize_std)  # raises, naming G
-        adv = torch.zeros(p, g, dtype=logp.dtype, device=rewards.device)
-        zero_var = torch.ones(p, dtype=torch.bool, device=rewards.device)
-    adv = adv.reshape(p * g, 1).to(dtype=logp.dtype, device=logp.device)
-    if cfg.skip_zero_variance:
-        mask = mask & ~zero_var.to(mask.device).repeat_interleave(g)[:, None]
-    metrics.update(
-        reward=float(rewards.double().mean()),
-        zero_variance_frac=float(zero_var.double().mean()),
-    )
+    if advantages is not None:
+        if advantages.shape[0] != logp.shape[0]:
+            raise ValueError(f"advantages has {advantages.shape[0]} rows, logp has {logp.shape[0]}")
+        adv = advantages.reshape(-1, 1).to(dtype=logp.dtype, device=logp.device)
+    else:
+        rewards = _need("rewards", rewards, "objective rl (or advantages)")
+        p, g = rewards.shape
+        if p * g != logp.shape[0]:
+            raise ValueError(
+                f"rewards [{p}, {g}] need P·G = {p * g} response rows, logp has {logp.shape[0]}"
+            )
+        adv, zero_var = rollout_advantages(cfg, rewards)
+        adv = adv.reshape(p * g, 1).to(dtype=logp.dtype, device=logp.device)
+        if cfg.skip_zero_variance:
+            mask = mask & ~zero_var.to(mask.device).repeat_interleave(g)[:, None]
+        metrics.update(
+            reward=float(rewards.double().mean()),
+            zero_variance_frac=float(zero_var.double().mean()),
+        )
 
     beta, form = cfg.teacher_coef, cfg.teacher_form
     if beta > 0 and form == "advantage":
@@ -215,7 +255,7 @@ def dgrpo_loss(
         tis, capped = truncated_is_weight(logp_old, ls, cfg.tis_cap)
         metrics["tis_capped_frac"] = _masked_mean(capped, mask)
     pg, clipped = clipped_policy_loss(logp, logp_old, adv, cfg.clip_low, cfg.clip_high, tis)
-    loss = aggregate(pg, mask, mode)
+    loss = agg(pg, mask)
     metrics.update(
         pg_loss=float(loss.detach()),
         clip_frac=_masked_mean(clipped, mask),
@@ -224,12 +264,12 @@ def dgrpo_loss(
 
     if beta > 0 and form == "loss":
         lt = _need("logp_teacher", logp_teacher, "teacher_form loss")
-        term = aggregate(kl_estimate(logp, lt.detach(), cfg.kl_estimator), mask, mode)
+        term = agg(kl_estimate(logp, lt.detach(), cfg.kl_estimator), mask)
         loss = loss + beta * term
         metrics["teacher_loss"] = float(term.detach())
     elif beta > 0 and form == "full":
         kl = _need("kl", kl, "teacher_form full (the full-vocabulary KL per token)")
-        term = aggregate(kl, mask, mode)
+        term = agg(kl, mask)
         loss = loss + beta * term
         metrics["teacher_loss"] = float(term.detach())
     if kl is not None:  # the exact KL when there is one, else the k3 estimate (unbiased)
@@ -238,7 +278,7 @@ def dgrpo_loss(
         metrics["kl_teacher"] = _masked_mean(kl_estimate(logp, logp_teacher, "k3"), mask)
     if cfg.ref_coef > 0:
         lr_ = _need("logp_ref", logp_ref, "ref_coef > 0")
-        term = aggregate(kl_estimate(logp, lr_.detach(), cfg.ref_estimator), mask, mode)
+        term = agg(kl_estimate(logp, lr_.detach(), cfg.ref_estimator), mask)
         loss = loss + cfg.ref_coef * term
         metrics["kl_ref"] = float(term.detach())
     metrics["loss"] = float(loss.detach())

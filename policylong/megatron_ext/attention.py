@@ -70,6 +70,12 @@ class SDPAttention(MegatronModule):
         if attention_mask is not None:  # megatron: True = masked out; SDPA: True = attend
             mask = ~attention_mask.bool()
             causal = False
+        elif k.shape[2] != sq:  # KV-cached decoding: sq new queries after sk - sq cached keys
+            # SDPA's is_causal aligns the mask top-left (query 0 sees key 0 only); the new
+            # queries sit at the END of the keys, so the diagonal moves right by sk - sq
+            sk = k.shape[2]
+            mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+            causal = False
         out = F.scaled_dot_product_attention(
             q,
             k,

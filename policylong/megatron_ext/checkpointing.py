@@ -113,9 +113,12 @@ def check_compatible(ckpt: str, hf_cfg: dict) -> None:
 # -- save / load -------------------------------------------------------------------------------
 
 
-def save_checkpoint(ckpt: str, it: int, model, optimizer=None, scheduler=None, extra=None):
+def save_checkpoint(
+    ckpt: str, it: int, model, optimizer=None, scheduler=None, extra=None, before_commit=None
+):
     """dist_checkpointing save of model (+ optimizer, scheduler, step state) as iter_<it>.
-    Collective: every rank calls it."""
+    Collective: every rank calls it. ``before_commit`` (tests): called once the shards are
+    written, before the folder is renamed into place (where a crash leaves a ``.partial``)."""
 
     final = iter_dir(ckpt, it)
     tmp = final + ".partial"
@@ -131,6 +134,8 @@ def save_checkpoint(ckpt: str, it: int, model, optimizer=None, scheduler=None, e
     sd["state"] = {"iteration": it, **(extra or {})}
     dist_checkpointing.save(sd, tmp)
     barrier()
+    if before_commit is not None:
+        before_commit()
     if is_rank0():
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -153,9 +153,153 @@ def case_train(a) -> None:
         _dump(a.json, {"summary": res, "metrics": rows})
 
 
+def case_align(a) -> None:
+    """One dGRPO step on a fixed batch (same on every layout: P = 2 prompts × G = 4 responses
+    of random tokens, rewards planted), and KV-cached sampling checked against full forwards.
+    Rank 0 saves loss, metric sums, the HF-layout gradients and the samples to ``--json``."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from policylong.align.loop import _head, train_on
+    from policylong.align.objective import rollout_advantages
+    from policylong.align.rollout import Batch, Scorer, score_with
+    from policylong.config import load_config
+    from policylong.megatron_ext import model as M
+    from policylong.megatron_ext.generate import sample
+    from policylong.megatron_ext.optim import build_optimizer, wrap_ddp
+    from policylong.megatron_ext.parallel import init_distributed
+
+    torch.set_num_threads(1)
+    form = a.form
+    sets = [
+        f"parallel.tensor_parallel={a.tp}",
+        f"align.teacher={a.init}",
+        "align.group_size=4",
+        "align.prompts_per_step=2",
+        "align.micro_batch_size=3",
+        "align.lr=1e-3",
+        "align.temperature=0.8",
+        "train.clip_grad=1e9",
+        "train.weight_decay=0",
+    ]
+    if form == "grpo":
+        sets += ["align.teacher_coef=0"]
+    else:
+        sets += [f"align.teacher_form={form}", "align.teacher_coef=0.5"]
+    cfg = load_config(None, sets)
+    init_distributed(cfg.parallel, seed=7)
+    hf = a.hf[0]
+    hcfg = M.read_hf_config(hf)
+    model = M.build_gpt_model(hcfg, M.ModelOptions(), max_seq_length=64)
+    M.load_hf_weights(model, hcfg, hf)
+    V = int(hcfg["vocab_size"])
+    res = {}
+
+    # sampling: the KV-cached sampler's log-probs equal a full forward's, seeds reproduce
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(10, V, (17,), generator=g).tolist()
+    s1 = sample(model, prompt, 3, 6, 0.8, 1234, {3}, V)
+    s2 = sample(model, prompt, 3, 6, 0.8, 1234, {3}, V)
+    res["samples"] = s1.tokens
+    res["same_seed_same_samples"] = s1.tokens == s2.tokens and s1.logprobs == s2.logprobs
+    err = 0.0
+    for toks, lps in zip(s1.tokens, s1.logprobs):
+        seq = torch.tensor([prompt + toks])
+        logits = M.forward_logits(model, seq)[0, :, :V].double() / 0.8
+        ref = torch.log_softmax(logits, -1)[len(prompt) - 1 : -1].gather(
+            1, torch.tensor(toks)[:, None]
+        )[:, 0]
+        err = max(err, float((ref - torch.tensor(lps, dtype=torch.float64)).abs().max()))
+    res["sampler_logprob_max_err"] = err
+
+    # one step on a fixed batch; DP ranks take their share of the prompts
+    teacher = Scorer(cfg, a.init, "teacher", 64) if form != "grpo" else None
+    ddp = wrap_ddp(model)
+    opt, sched = build_optimizer(cfg, model, ddp, 1)
+    dp, dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    g = torch.Generator().manual_seed(11)
+    P, G = 2, 4
+    prompts = [torch.randint(10, V, (int(n),), generator=g).tolist() for n in (13, 21)]
+    resp = [
+        [
+            torch.randint(
+                10, V, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g
+            ).tolist()
+            for _ in range(G)
+        ]
+        for _ in range(P)
+    ]
+    lsamp = [[(-2.0 - torch.rand(len(r), generator=g)).tolist() for r in rs] for rs in resp]
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
+    adv, _ = rollout_advantages(cfg.align, rewards)
+    per = P // dp
+    mine = list(range(dpr * per, (dpr + 1) * per))
+    seqs, plens, rs, ls = [], [], [], []
+    for p_ in mine:
+        for j in range(G):
+            seqs.append(prompts[p_] + resp[p_][j])
+            plens.append(len(prompts[p_]))
+            rs.append(resp[p_][j])
+            ls.append(lsamp[p_][j])
+    b = Batch(
+        seqs,
+        plens,
+        rs,
+        ls,
+        rewards[mine],
+        adv[mine].reshape(-1),
+        torch.ones(len(seqs), dtype=torch.bool),
+        [None] * len(seqs),
+        [True] * len(seqs),
+        [""] * len(seqs),
+    )
+    head, start = _head(model, V)
+    tpg = ps.get_tensor_model_parallel_group() if a.tp > 1 else None
+    ctx = {"tp_group": tpg, "device": "cpu", "pad": 3, "head": head}
+    if teacher is not None:
+        ctx["teacher_head"] = teacher.head_shard(start, head.shape[0])
+        full = form == "full"
+        b.teacher_hidden, b.logp_teacher = score_with(teacher, b, 3, full, start, head.shape[0])
+    sums, gnorm = train_on(cfg, ddp, model, opt, sched, b, list(range(len(seqs))), ctx)
+    res["loss"] = sums["loss"]
+    res["grad_norm"] = gnorm
+    for p_ in model.parameters():  # the HF-layout gradient: main_grad in place of the weights
+        p_.data, p_.main_grad = p_.main_grad.to(p_.dtype), p_.data
+    grads = M.local_to_hf_state(model, hcfg)
+    loss_all = torch.tensor([sums["loss"]], dtype=torch.float64)
+    if dp > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(loss_all, group=ps.get_data_parallel_group())
+    res["loss"] = float(loss_all)
+    if os.environ.get("RANK", "0") == "0":
+        res["grads"] = {k: v.clone() for k, v in grads.items()}
+        torch.save(res, a.json)
+
+
+def case_presets(a) -> None:
+    """``run_align`` for each preset of ``--presets`` in this process (one world, built
+    once); rank 0 saves each run's summary to ``--json``."""
+    import torch
+
+    from policylong.align.loop import run_align
+    from policylong.config import load_config
+
+    torch.set_num_threads(1)
+    out = {}
+    for name in a.presets.split(","):
+        cfg = load_config([name], a.set)
+        out[name] = run_align(cfg)
+    if os.environ.get("RANK", "0") == "0":
+        _dump(a.json, out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("case", choices=["exact", "train", "entropy"])
+    ap.add_argument("case", choices=["exact", "train", "entropy", "align", "presets"])
+    ap.add_argument("--form", default="full")
+    ap.add_argument("--presets", default="dgrpo")
+    ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--json", required=True)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
@@ -174,7 +318,14 @@ def main() -> None:
     ap.add_argument("--kill", type=int)
     ap.add_argument("--dtype", default="float32")
     a = ap.parse_args()
-    {"exact": case_exact, "train": case_train, "entropy": case_entropy}[a.case](a)
+    cases = {
+        "exact": case_exact,
+        "train": case_train,
+        "entropy": case_entropy,
+        "align": case_align,
+        "presets": case_presets,
+    }
+    cases[a.case](a)
     from policylong.megatron_ext.parallel import destroy_distributed
 
     destroy_distributed()  # a barrier first: no rank leaves while a peer is mid-collective

@@ -5,7 +5,9 @@ One forward + backward of the loss ``Σ a·logp + b·entropy (+ c·kl)`` (random
 the inputs; the gradients of hidden and weight ([n, d] + [v, d]) count for both methods.
 ``materialised`` is what one writes in PyTorch: ``log_softmax(hidden @ weight.T / T)`` in
 float32, entropy and KL from it, ``backward()``; ``chunked`` is ``fused_linear_policy`` with
-the PyTorch backend; ``triton`` (CUDA) is the Triton backend, not implemented yet (error rows).
+the PyTorch backend; ``triton`` (CUDA) is its Triton backend (``linear_policy_triton.py``: one
+untimed config per kernel; the first call of a shape compiles, which the CUDA default
+``--warmup 1`` keeps out of the timing).
 
 CPU, each measurement in a fresh process; peak extra memory is the peak RSS (VmHWM, reset
 before the timed call) minus the RSS before it. The materialised path is skipped where its
@@ -137,7 +139,7 @@ def measure_cuda(method, n, d, v, teacher, dtype, device, reps, warmup):
             times.append(time.perf_counter() - t0)
         extra = (torch.cuda.max_memory_allocated() - base) / 2**20
         return _finish(row, sorted(times)[len(times) // 2], extra, out)
-    except Exception as e:  # noqa: BLE001 - out of memory, or the missing Triton backend
+    except Exception as e:  # noqa: BLE001 - out of memory, or a kernel that fails to compile
         torch.cuda.empty_cache()
         return {**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
 
@@ -204,13 +206,17 @@ def main() -> None:
                         print(_fmt(r), flush=True)
                         group.append(r)
                     ok = {r["method"]: r for r in group if "error" not in r}
-                    if "materialised" in ok and "chunked" in ok:
-                        c, m = ok["chunked"], ok["materialised"]
-                        print(
-                            f"{'':>20} chunked/materialised: memory "
-                            f"{c['peak_extra_mb'] / m['peak_extra_mb']:.3f}, "
-                            f"time {c['seconds'] / m['seconds']:.2f}"
-                        )
+                    for a, b in (
+                        ("chunked", "materialised"),
+                        ("triton", "materialised"),
+                        ("triton", "chunked"),
+                    ):
+                        if a in ok and b in ok and ok[b]["peak_extra_mb"] > 0:
+                            print(
+                                f"{'':>20} {a}/{b}: memory "
+                                f"{ok[a]['peak_extra_mb'] / ok[b]['peak_extra_mb']:.3f}, "
+                                f"time {ok[a]['seconds'] / ok[b]['seconds']:.2f}"
+                            )
                     rows += group
                     if not args.no_save:  # per shape, so a run cut short keeps what it measured
                         with open(RESULTS, "a") as f:

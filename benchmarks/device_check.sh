@@ -3,13 +3,18 @@
 # any CUDA node; about 7-8 minutes on one H200 (the budgets below add up to 8.5):
 #   bash benchmarks/device_check.sh
 #   SWEEP=1 bash benchmarks/device_check.sh      # + the kernel variant sweep (about 4 minutes)
+#   PHASES="tests policy" bash benchmarks/device_check.sh  # + the policy head (budget 3.5 min)
 #   PHASES="tests train" bash benchmarks/device_check.sh   # a subset of the phases
 # Phases, each with its own timeout and log under $OUT, the rows so far copied to
 # $OUT/results.jsonl after each one (a call cut off at the device tool's limit keeps what it
 # measured):
 #   tests    the kernel tests compiled on CUDA and tests/gpu, one fixed Triton config
 #            (POLICYLONG_TRITON_AUTOTUNE=0: with the autotuner every test shape compiles
-#            every config)
+#            every config); the policy head's tests are left to its phase
+#   policy   (not in the default list, which fills the device tool's 10 minutes) the policy
+#            head's Triton kernels compiled: its unit tests on CUDA, the tests/gpu policy
+#            tests (Qwen2.5 vocabulary, bf16 and float32), then bench_policy's materialised /
+#            chunked / triton forward + backward at n = 8K, d = 2048, v = 151,936, bf16
 #   sweep    (SWEEP=1) every variant of bench_kernels' LINEAR_VARIANTS / LOGITS_VARIANTS
 #   grid     the autotuned launches of both kernels over n = 2K/8K/32K, d = 2048/3584/4096,
 #            v = 151,936/128,256 against cuBLAS / a device copy (benchmarks/KERNELS.md)
@@ -39,8 +44,18 @@ B="python3 $REPO/benchmarks/bench_kernels.py --device cuda --dtype bfloat16"
 if want tests; then
     echo "== tests (compiled Triton on CUDA, fixed config)"
     (cd /tmp && POLICYLONG_TRITON_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q \
-        -p no:cacheprovider -rfEs "$REPO/tests/unit/test_entropy.py" "$REPO/tests/gpu" 2>&1 \
-        | tee "$OUT/pytest.log" | tail -15)
+        -p no:cacheprovider -rfEs "$REPO/tests/unit/test_entropy.py" "$REPO/tests/gpu" \
+        -k "not policy_triton" 2>&1 | tee "$OUT/pytest.log" | tail -15)
+fi
+if want policy; then
+    echo "== policy head (compiled Triton on CUDA): tests, then forward + backward timings"
+    (cd /tmp && timeout "${POLICY_TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider \
+        -rfEs "$REPO/tests/unit/test_linear_policy_triton.py" "$REPO/tests/gpu" -k policy_triton 2>&1 \
+        | tee "$OUT/pytest_policy.log" | tail -15)
+    timeout "${POLICY_BENCH_TIMEOUT:-90}" python3 "$REPO/benchmarks/bench_policy.py" \
+        --device cuda --dtype bfloat16 --n 8192 --d 2048 --vocab 151936 \
+        --methods materialised chunked triton 2>&1 | tee "$OUT/bench_policy.log"
+    save
 fi
 if want sweep; then
     echo "== variant sweep"

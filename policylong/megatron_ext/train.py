@@ -12,12 +12,12 @@ model, optimizer and scheduler state are loaded and the data continues where it 
 Besides the checkpoint (``checkpointing`` describes the folder), the loop writes
 ``CKPT/metrics.jsonl``: one JSON line per step, ``step``, ``loss``, ``lr``, ``grad_norm``,
 ``tokens_per_s`` (+ ``tflops_per_gpu``, ``mfu`` on GPU); a resumed run first drops the lines
-of steps after its save.
+of steps after its save. With ``tensorboard`` installed the same numbers go to
+``CKPT/tensorboard/`` (``logs.MetricsLog``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -28,6 +28,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from policylong.config import Config
+from policylong.logs import MetricsLog
 
 from . import model as M
 from .checkpointing import (
@@ -118,9 +119,10 @@ def train_stage(
     )
 
     writer = is_metrics_writer()
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    if writer:
-        _truncate_metrics(metrics_path, state["iteration"])
+    metrics = None
+    if writer:  # TensorBoard only when there is a step to log (a finished stage stays as is)
+        tb = os.path.join(out, "tensorboard") if state["iteration"] < steps else None
+        metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), tb, state["iteration"])
     fpt = flops_per_token(hf_cfg, seq)
     peak = _peak_tflops()
     tokens_per_step = t.global_batch_size * seq
@@ -153,8 +155,7 @@ def train_stage(
             if peak:
                 row["mfu"] = row["tflops_per_gpu"] / peak
         if writer:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            metrics.write(row)
         last = row
         if bar is not None:
             bar.update(1)
@@ -169,21 +170,12 @@ def train_stage(
             os.kill(os.getpid(), signal.SIGKILL)
     if bar is not None:
         bar.close()
+    if metrics is not None:
+        metrics.close()
     close_checkpoint_writer()
     summary = broadcast_from_writer(last, writer)
     summary["steps"] = steps
     return summary
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop metrics of steps after ``step`` (a killed run logged them but did not save)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
 
 
 def _peak_tflops() -> float | None:

@@ -18,6 +18,8 @@
     policylong align --config dgrpo --from CKPT --teacher DIR
                                                     post-training on the policy's own rollouts
                                                     (dGRPO; presets grpo, opd, sft, kd)
+    policylong eval-tasks --model CKPT [CKPT ...] --out DIR
+                                                    greedy task accuracy per family and length
 
 ``train``, ``convert``, ``export``, ``run`` and ``align`` run under ``torchrun`` with any
 TP×PP×CP×DP layout that the world size allows (``--set parallel.tensor_parallel=2``; ``run``:
@@ -39,6 +41,7 @@ import sys
 
 import torch.distributed as dist
 
+from policylong.align.evaluate import evaluate_tasks, plot_eval, write_eval
 from policylong.align.loop import run_align
 from policylong.basemodel import build_base_model
 from policylong.config import load_config
@@ -189,6 +192,19 @@ def cmd_align(args) -> int:
     return 0
 
 
+def cmd_eval_tasks(args) -> int:
+    cfg = _config(args)
+    res = evaluate_tasks(
+        cfg, args.model, args.tasks.split(","), args.lengths, args.n, args.seed, args.max_new
+    )
+    if _is_rank0():
+        path = write_eval(res, args.out)
+        plot_eval(res, os.path.join(args.out, "tasks_eval.png"))
+        log.info("wrote %s and tasks_eval.png", path)
+        print(json.dumps(res, indent=2))
+    return 0
+
+
 def cmd_eval(args) -> int:
     lm = load_language_model(args.model, device=args.device, dtype=args.dtype)
     tasks = tuple(args.tasks or TASKS)
@@ -326,6 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="run name, WORKDIR/align/NAME/ (= align.preset)")
     p.set_defaults(func=cmd_align)
 
+    p = sub.add_parser(
+        "eval-tasks", help="greedy accuracy on generated tasks per family and length (JSON, PNG)"
+    )
+    _add_config_args(p)
+    p.add_argument("--model", nargs="+", required=True, help="HF folders or checkpoints (CKPT@N)")
+    p.add_argument("--tasks", default="lookup", help="task families, comma-separated")
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 512])
+    p.add_argument("--n", type=int, default=32, help="prompts per family and length")
+    p.add_argument("--seed", type=int, default=777, help="seed of the evaluation prompts")
+    p.add_argument("--max-new", type=int, default=16, help="longest greedy response")
+    p.add_argument("--out", required=True, help="folder for tasks_eval.json and .png")
+    p.set_defaults(func=cmd_eval_tasks)
+
     p = sub.add_parser("eval", help="synthetic long-context probes (NIAH) at several lengths")
     p.add_argument("--model", default="embedded", help="HF folder or 'embedded'")
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024])
@@ -361,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     finally:
-        if args.cmd in ("train", "convert", "export", "run", "align"):
+        if args.cmd in ("train", "convert", "export", "run", "align", "eval-tasks"):
             _teardown()
 
 

@@ -486,6 +486,11 @@ class AlignConfig(_Section):
     ``kl``, as for ``teacher_form: full``). The clip, reward and advantage settings only apply
     to ``rl``."""
 
+    sft_target: Literal["teacher", "reference"] = "teacher"
+    """What ``sft`` trains on: G responses sampled from the teacher, or each task's reference
+    answer (one per prompt, closed by the family's stop token; no teacher needed: how the CPU
+    demo builds a teacher from the extended model)."""
+
     teacher: str = "none"
     """The teacher: a Hugging Face folder or a Megatron checkpoint with the policy's tokenizer,
     or ``none``. Needed when ``teacher_coef`` > 0 and by ``sft`` / ``kd`` (teacher responses)."""
@@ -634,6 +639,8 @@ class AlignConfig(_Section):
         if self.tis_cap != 0 and not self.tis_cap >= 1:
             _fail("align.tis_cap", self.tis_cap, "must be >= 1 (or 0: off)")
         needs_teacher = self.objective != "rl" or self.teacher_coef > 0
+        if self.objective == "sft" and self.sft_target == "reference":
+            needs_teacher = False
         if needs_teacher and self.teacher == "none":
             why = f"objective {self.objective}" if self.objective != "rl" else "teacher_coef > 0"
             _fail("align.teacher", self.teacher, f"{why} needs a teacher model folder")

@@ -1,9 +1,11 @@
 """Alignment (``policylong align``): dGRPO and its baselines on the live Megatron policy.
 
-Built so far: the objective (``objective``), configured by ``policylong.config.AlignConfig``;
-the rollout, teacher and training loop come later.
+``objective``: the loss, configured by ``policylong.config.AlignConfig``; ``rollout``: prompts,
+KV-cached rollouts, rewards, teacher and reference scorers; ``loop``: ``run_align(cfg)``, what
+``policylong align`` runs (``plan_align(cfg)`` checks every input first, building nothing).
 """
 
+from policylong.align.loop import plan_align, run_align
 from policylong.align.objective import (
     aggregate,
     aggregation_count,
@@ -23,6 +25,8 @@ __all__ = [
     "dgrpo_loss",
     "group_advantages",
     "kl_estimate",
+    "plan_align",
+    "run_align",
     "rollout_advantages",
     "teacher_advantage",
     "truncated_is_weight",

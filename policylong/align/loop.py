@@ -138,17 +138,18 @@ def _check_resume(out: str, fp: dict) -> None:
 
 def _layout(cfg: Config) -> None:
     a, par = cfg.align, cfg.parallel
-    if par.pipeline_parallel != 1 or par.context_parallel != 1:
+    if par.context_parallel != 1:
         raise AlignError(
-            "align runs on tensor and data parallelism: parallel.pipeline_parallel = "
-            f"{par.pipeline_parallel} and parallel.context_parallel = {par.context_parallel} "
-            "must be 1 (the KV-cached sampler runs PP = 1)"
+            f"parallel.context_parallel = {par.context_parallel}: align runs TP × PP × DP "
+            "(the KV-cached sampler holds whole sequences); set it to 1"
         )
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    tp = par.tensor_parallel
-    if world % tp:
-        raise AlignError(f"parallel.tensor_parallel={tp} does not divide {world} ranks")
-    dp = world // tp
+    mp = par.tensor_parallel * par.pipeline_parallel
+    if world % mp:
+        raise AlignError(
+            f"parallel.tensor_parallel × pipeline_parallel = {mp} does not divide {world} ranks"
+        )
+    dp = world // mp
     per = a.prompts_per_step // a.minibatches
     if per % dp:
         raise AlignError(
@@ -216,17 +217,21 @@ def _head(model, vocab: int):
     return w[:keep], start
 
 
-def _micro(batch: Batch, idx: list[int], parts: dict, device) -> dict:
-    """Tensors of micro-batch rows ``idx`` (right-padded), for ``_loss``."""
-    seqs = [batch.seqs[i] for i in idx]
-    s = max(map(len, seqs))
-    tokens = torch.full((len(idx), s), parts["pad"], dtype=torch.long)
-    for j, q in enumerate(seqs):
-        tokens[j, : len(q)] = torch.tensor(q)
-    t = max(len(batch.resp[i]) for i in idx)
+def _micro(batch: Batch, idx: list[int | None], s: int, ctx: dict, device) -> dict:
+    """Tensors of micro-batch rows ``idx`` (None: a padding row with no response tokens),
+    right-padded to ``s`` tokens, for ``_loss``. Every micro-batch of a step has the same
+    ``[micro_batch_size, s]`` shape: the pipeline schedule sends fixed-shape activations."""
+    real = [i for i in idx if i is not None]
+    tokens = torch.full((len(idx), s), ctx["pad"], dtype=torch.long)
+    for j, i in enumerate(idx):
+        if i is not None:
+            tokens[j, : len(batch.seqs[i])] = torch.tensor(batch.seqs[i])
+    t = max(len(batch.resp[i]) for i in real)
     mask = torch.zeros(len(idx), t, dtype=torch.bool)
     row, col, pos, tgt = [], [], [], []
     for j, i in enumerate(idx):
+        if i is None:
+            continue
         n = len(batch.resp[i])
         mask[j, :n] = bool(batch.keep[i])
         row += [j] * n
@@ -237,9 +242,14 @@ def _micro(batch: Batch, idx: list[int], parts: dict, device) -> dict:
     def padded(lists):
         x = torch.zeros(len(idx), t, dtype=torch.float32)
         for j, i in enumerate(idx):
-            x[j, : len(lists[i])] = torch.tensor(lists[i], dtype=torch.float32)
+            if i is not None:
+                x[j, : len(lists[i])] = torch.tensor(lists[i], dtype=torch.float32)
         return x
 
+    adv = torch.zeros(len(idx), dtype=torch.float32)
+    for j, i in enumerate(idx):
+        if i is not None:
+            adv[j] = float(batch.advantages[i])
     mb = {
         "tokens": tokens.to(device),
         "pos": torch.arange(s, device=device)[None].expand(len(idx), s),
@@ -249,7 +259,7 @@ def _micro(batch: Batch, idx: list[int], parts: dict, device) -> dict:
         "ti": torch.tensor(pos, device=device),
         "targets": torch.tensor(tgt, dtype=torch.long, device=device),
         "mask": mask,
-        "adv": batch.advantages[idx].to(torch.float32),
+        "adv": adv,
         "logp_sampler": padded(batch.logp_sampler),
     }
     if batch.logp_teacher is not None:
@@ -261,7 +271,7 @@ def _micro(batch: Batch, idx: list[int], parts: dict, device) -> dict:
     if batch.teacher_hidden is not None:
         off = batch.token_offsets()
         mb["teacher_hidden"] = torch.cat(
-            [batch.teacher_hidden[off[i] : off[i + 1]] for i in idx]
+            [batch.teacher_hidden[off[i] : off[i + 1]] for i in real]
         ).to(device)
     return mb
 
@@ -334,8 +344,11 @@ def train_on(cfg: Config, ddp, model, opt, sched, batch: Batch, rows: list[int],
     )
     if dp > 1:
         dist.all_reduce(cnt, group=ps.get_data_parallel_group())
-    micro = [rows[k : k + a.micro_batch_size] for k in range(0, len(rows), a.micro_batch_size)]
+    mbs = a.micro_batch_size
+    micro = [rows[k : k + mbs] for k in range(0, len(rows), mbs)]
+    micro[-1] = micro[-1] + [None] * (mbs - len(micro[-1]))
     n_micro = len(micro)
+    seq = max(len(batch.seqs[i]) for i in rows)
     if dp > 1:  # every DP rank must run the same number of micro-batches
         nm = torch.tensor([n_micro])
         dist.all_reduce(nm, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
@@ -345,7 +358,7 @@ def train_on(cfg: Config, ddp, model, opt, sched, batch: Batch, rows: list[int],
     ctx["scale"] = n_micro * dp
     ctx["sums"] = []
     device = ctx["device"]
-    data = iter([_micro(batch, m, ctx, device) for m in micro])
+    data = iter([_micro(batch, m, seq, ctx, device) for m in micro])
     ddp.zero_grad_buffer()
     opt.zero_grad()
     saved = model.post_process
@@ -356,8 +369,8 @@ def train_on(cfg: Config, ddp, model, opt, sched, batch: Batch, rows: list[int],
             data_iterator=data,
             model=[ddp],
             num_microbatches=n_micro,
-            seq_length=max(len(batch.seqs[i]) for i in rows),
-            micro_batch_size=a.micro_batch_size,
+            seq_length=seq,
+            micro_batch_size=mbs,
             forward_only=False,
         )
     finally:
@@ -480,20 +493,21 @@ def run_align(cfg: Config) -> dict:
 
     writer = is_metrics_writer()
     metrics = rollouts_path = None
-    if writer:
-        metrics = MetricsLog(
-            os.path.join(out, "metrics.jsonl"), os.path.join(out, "tensorboard"), start
-        )
+    if writer:  # TensorBoard only when there is a step to log (a finished run stays as is)
+        tb = os.path.join(out, "tensorboard") if start < a.steps else None
+        metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), tb, start)
         rollouts_path = os.path.join(out, "rollouts.jsonl")
         _truncate_jsonl(rollouts_path, start)
     stops = stop_ids(tok, {r.task for r in records})
     pad = eos_id(tok)
-    head, shard_start = _head(model, vocab)
+    last_stage = ps.is_pipeline_last_stage()
+    # the loss head lives on the last pipeline stage; the other stages never touch it
+    head, shard_start = _head(model, vocab) if last_stage else (None, 0)
     tp_group = ps.get_tensor_model_parallel_group() if tp > 1 else None
     ctx = {"tp_group": tp_group, "device": device, "pad": pad}
     want_hidden = a.objective == "kd" or (a.teacher_coef > 0 and a.teacher_form == "full")
     want_logp_t = teacher is not None and not want_hidden and a.objective == "rl"
-    if teacher is not None:
+    if teacher is not None and last_stage:
         ctx["teacher_head"] = teacher.head_shard(shard_start, head.shape[0])
     per_rank = a.prompts_per_step // dp
     bar = None
@@ -501,27 +515,30 @@ def run_align(cfg: Config) -> dict:
         from tqdm import tqdm
 
         bar = tqdm(total=a.steps, initial=start, desc=f"align {a.preset}", unit="step")
-    last = {}
+    last = _last_row(os.path.join(out, "metrics.jsonl")) if writer else {}
     for step in range(start, a.steps):
         t0 = time.perf_counter()
         idx = step_prompts(len(records), a.prompts_per_step, step, cfg.seed)
         mine = idx[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        sampler = teacher.model if a.objective != "rl" else None
+        sampler = teacher.model if (a.objective != "rl" and teacher is not None) else None
         batch = collect(
             cfg, step, tok, model, records, mine, [prompts[i] for i in mine], stops, vocab, sampler
         )
         die_if(f"align:rollout:{step + 1}")
         t1 = time.perf_counter()
         if teacher is not None and (want_hidden or want_logp_t):
-            th, lt = score_with(teacher, batch, pad, want_hidden, shard_start, head.shape[0])
+            rows_v = head.shape[0] if last_stage else 0
+            th, lt = score_with(teacher, batch, pad, want_hidden, shard_start, rows_v)
             batch.teacher_hidden, batch.logp_teacher = th, lt
         if ref is not None:
-            _, batch.logp_ref = score_with(ref, batch, pad, False, shard_start, head.shape[0])
+            rows_v = head.shape[0] if last_stage else 0
+            _, batch.logp_ref = score_with(ref, batch, pad, False, shard_start, rows_v)
         if a.tis_cap > 0:
             batch.extra["logp_old"] = _policy_logp(model, head, batch, pad, a, tp_group)
         t2 = time.perf_counter()
-        head, _ = _head(model, vocab)
-        ctx["head"] = head
+        if last_stage:
+            head, _ = _head(model, vocab)
+            ctx["head"] = head
         n = len(batch.seqs)
         per_mb = n // a.minibatches
         sums, gnorm = {}, None
@@ -533,7 +550,7 @@ def run_align(cfg: Config) -> dict:
         t3 = time.perf_counter()
         row = _step_row(a, step + 1, batch, sums, gnorm, (t0, t1, t2, t3), dp)
         row["lr"] = opt.param_groups[0]["lr"]
-        rows = _gather_rows(_rollout_rows(step + 1, batch, a.group_size))
+        rows = _gather_rows(_rollout_rows(step + 1, batch, batch.rewards.shape[1]))
         if writer:
             metrics.write(row)
             with open(rollouts_path, "a") as f:
@@ -542,17 +559,18 @@ def run_align(cfg: Config) -> dict:
         last = row
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(reward=f"{row['reward']:.3f}", loss=f"{row['loss']:.4f}")
-        log.info(
-            "align step %d/%d: reward %.3f, accuracy %.3f, loss %.4f, kl_teacher %s, %.1f s",
-            step + 1,
-            a.steps,
-            row["reward"],
-            row["accuracy"],
-            row["loss"],
-            f"{row['kl_teacher']:.4f}" if "kl_teacher" in row else "-",
-            row["seconds"],
-        )
+            bar.set_postfix(reward=f"{row['reward']:.3f}")
+        if writer:  # the rank that holds the loss: one line per step for the job
+            log.info(
+                "align step %d/%d: reward %.3f, accuracy %.3f, loss %.4f, kl_teacher %s, %.1f s",
+                step + 1,
+                a.steps,
+                row["reward"],
+                row["accuracy"],
+                row["loss"],
+                f"{row['kl_teacher']:.4f}" if "kl_teacher" in row else "-",
+                row["seconds"],
+            )
         done = step + 1
         die_if(f"align:step:{done}")
         if (a.save_interval and done % a.save_interval == 0) or done == a.steps:
@@ -575,10 +593,21 @@ def run_align(cfg: Config) -> dict:
     return summary
 
 
+def _last_row(path: str) -> dict:
+    """The last metrics line of a run folder ({} when there is none)."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        rows = [ln for ln in f if ln.strip()]
+    return json.loads(rows[-1]) if rows else {}
+
+
 def _policy_logp(model, head, batch: Batch, pad: int, a: AlignConfig, tp_group):
     """The trainer's log-probs of the sampled tokens before any update (π_old for truncated
     importance sampling)."""
     h = hidden_rows(model, batch.seqs, [batch.rows_of(i) for i in range(len(batch.seqs))], pad)
+    if h is None:  # not the last pipeline stage: the loss, and π_old, live there
+        return None
     tgt = torch.tensor([t for r in batch.resp for t in r], dtype=torch.long, device=h.device)
     with torch.no_grad():
         lp = fused_linear_policy(
@@ -628,8 +657,9 @@ def _step_row(a: AlignConfig, step: int, batch: Batch, sums: dict, gnorm, times,
         "tokens_per_s_train": g["all_tokens"] / max(g["t_train"] / dp, 1e-9),
         "seconds": t3 - t0,
     }
-    if a.objective != "rl":  # sft / kd: the rewards are those of the teacher's responses
-        row["responses"] = "teacher"
+    if a.objective != "rl":  # sft / kd: the rewards are those of the responses trained on
+        gold = a.objective == "sft" and a.sft_target == "reference"
+        row["responses"] = "reference" if gold else "teacher"
     if g["t_score"] > 0.01 * dp:  # teacher / reference / π_old forwards ran
         row["tokens_per_s_score"] = g["all_tokens"] / (g["t_score"] / dp)
     if "s/kl_teacher" in g and (a.teacher_coef > 0 or a.objective == "kd"):

@@ -26,7 +26,7 @@ from policylong.megatron_ext.checkpointing import (
     model_options,
     resolve_start,
 )
-from policylong.megatron_ext.generate import hidden_rows, sample
+from policylong.megatron_ext.generate import Samples, hidden_rows, sample
 from policylong.megatron_ext.model import build_gpt_model
 from policylong.paths import split_source
 from policylong.tasks import TaskRecord, family, reward
@@ -100,8 +100,9 @@ class Scorer:
         self._full_head = None
 
     def full_head(self) -> torch.Tensor:
-        """The whole LM head ``[vocab_size, d]`` (all TP shards, pad rows dropped); gathered
-        once (the model is frozen) so any shard range of the student can be cut from it."""
+        """The whole LM head ``[vocab_size, d]`` (all TP shards, pad rows dropped; last pipeline
+        stage only); gathered once (the model is frozen) so any shard range of the student can
+        be cut from it."""
         if self._full_head is None:
             m = self.model
             w = (
@@ -190,6 +191,17 @@ def stop_ids(tok, families: set[str]) -> set[int]:
     return out
 
 
+def reference_response(tok, rec: TaskRecord) -> Samples:
+    """The task's reference answer as the one response to its prompt: its tokens (a leading
+    space, as a continuation of the prompt) closed by the family's stop token when it is one
+    token, else EOS. Log-probs are 0 (no sampler)."""
+    ids = encode(tok, " " + rec.answer)
+    own = [t for s in family(rec.task).stop for t in [encode(tok, s)] if len(t) == 1]
+    end = own[0][0] if own else eos_id(tok)
+    ids = ids + [end]
+    return Samples([ids], [[0.0] * len(ids)], [True])
+
+
 def collect(
     cfg: Config,
     step: int,
@@ -209,18 +221,25 @@ def collect(
     model = sampler_model if sampler_model is not None else policy_model
     seqs, plens, resp, lps, stopped, texts, recs = [], [], [], [], [], [], []
     rewards = torch.zeros(len(prompts), g, dtype=torch.float64)
+    gold = a.objective == "sft" and a.sft_target == "reference"
+    if gold:
+        g = 1
+        rewards = torch.zeros(len(prompts), 1, dtype=torch.float64)
     for k, (pi, ids) in enumerate(zip(prompt_index, prompts)):
-        s = sample(
-            model,
-            ids,
-            g,
-            a.max_new_tokens,
-            a.temperature,
-            rollout_seed(cfg.seed, step, pi),
-            stops,
-            vocab,
-        )
         rec = records[pi]
+        if gold:
+            s = reference_response(tok, rec)
+        else:
+            s = sample(
+                model,
+                ids,
+                g,
+                a.max_new_tokens,
+                a.temperature,
+                rollout_seed(cfg.seed, step, pi),
+                stops,
+                vocab,
+            )
         for j in range(g):
             text = tok.decode(s.tokens[j], skip_special_tokens=True)
             rewards[k, j] = reward(rec, text)
@@ -248,10 +267,13 @@ def collect(
 
 @torch.no_grad()
 def score_with(scorer: Scorer, batch: Batch, pad: int, want_hidden: bool, start: int, rows: int):
-    """The scorer's hidden states at the response positions ``[Σ tokens, d]`` and, unless
-    only hidden states are wanted, its log-probs of the sampled tokens per row (over the
-    student shard's vocabulary range ``[start, start + rows)``, combined over TP)."""
+    """On the last pipeline stage (None, None elsewhere): the scorer's hidden states at the
+    response positions ``[Σ tokens, d]`` and, unless only hidden states are wanted, its
+    log-probs of the sampled tokens per row (over the student shard's vocabulary range
+    ``[start, start + rows)``, combined over TP)."""
     h = scorer.hidden(batch.seqs, [batch.rows_of(i) for i in range(len(batch.seqs))], pad)
+    if h is None:  # not the last pipeline stage: the loss, which needs these, lives there
+        return None, None
     if want_hidden:
         return h, None
     tp = ps.get_tensor_model_parallel_world_size()

@@ -173,6 +173,7 @@ def case_align(a) -> None:
     form = a.form
     sets = [
         f"parallel.tensor_parallel={a.tp}",
+        f"parallel.pipeline_parallel={a.pp}",
         f"align.teacher={a.init}",
         "align.group_size=4",
         "align.prompts_per_step=2",
@@ -205,7 +206,10 @@ def case_align(a) -> None:
     err = 0.0
     for toks, lps in zip(s1.tokens, s1.logprobs):
         seq = torch.tensor([prompt + toks])
-        logits = M.forward_logits(model, seq)[0, :, :V].double() / 0.8
+        logits = M.forward_logits(model, seq)  # last pipeline stage only
+        if logits is None:
+            continue
+        logits = logits[0, :, :V].double() / 0.8
         ref = torch.log_softmax(logits, -1)[len(prompt) - 1 : -1].gather(
             1, torch.tensor(toks)[:, None]
         )[:, 0]
@@ -253,27 +257,38 @@ def case_align(a) -> None:
         [True] * len(seqs),
         [""] * len(seqs),
     )
-    head, start = _head(model, V)
+    last = ps.is_pipeline_last_stage()
+    head, start = _head(model, V) if last else (None, 0)
     tpg = ps.get_tensor_model_parallel_group() if a.tp > 1 else None
     ctx = {"tp_group": tpg, "device": "cpu", "pad": 3, "head": head}
     if teacher is not None:
-        ctx["teacher_head"] = teacher.head_shard(start, head.shape[0])
+        rows_v = head.shape[0] if last else 0
+        if last:
+            ctx["teacher_head"] = teacher.head_shard(start, rows_v)
         full = form == "full"
-        b.teacher_hidden, b.logp_teacher = score_with(teacher, b, 3, full, start, head.shape[0])
+        b.teacher_hidden, b.logp_teacher = score_with(teacher, b, 3, full, start, rows_v)
     sums, gnorm = train_on(cfg, ddp, model, opt, sched, b, list(range(len(seqs))), ctx)
-    res["loss"] = sums["loss"]
+    import torch.distributed as dist
+
     res["grad_norm"] = gnorm
     for p_ in model.parameters():  # the HF-layout gradient: main_grad in place of the weights
         p_.data, p_.main_grad = p_.main_grad.to(p_.dtype), p_.data
-    grads = M.local_to_hf_state(model, hcfg)
-    loss_all = torch.tensor([sums["loss"]], dtype=torch.float64)
+    grads = {k: v.clone() for k, v in M.local_to_hf_state(model, hcfg).items()}
+    loss_all = torch.tensor([sums.get("loss", 0.0)], dtype=torch.float64)  # last stage only
+    errs = torch.tensor([res["sampler_logprob_max_err"]], dtype=torch.float64)
     if dp > 1:
-        import torch.distributed as dist
-
         dist.all_reduce(loss_all, group=ps.get_data_parallel_group())
+    if a.pp > 1:
+        grp = ps.get_pipeline_model_parallel_group()
+        dist.all_reduce(loss_all, group=grp)
+        dist.all_reduce(errs, op=dist.ReduceOp.MAX, group=grp)
+        parts = [None] * a.pp
+        dist.all_gather_object(parts, grads, group=grp)
+        grads = {k: v for part in parts for k, v in part.items()}
     res["loss"] = float(loss_all)
+    res["sampler_logprob_max_err"] = float(errs)
     if os.environ.get("RANK", "0") == "0":
-        res["grads"] = {k: v.clone() for k, v in grads.items()}
+        res["grads"] = grads
         torch.save(res, a.json)
 
 

@@ -4,86 +4,92 @@ A task record is one prompt with a reference answer; a *family* names how it was
 its responses are scored (its verifier, a deterministic function returning a reward in
 [0, 1]). Records live in a JSON-lines task file, one per line::
 
-    {"id": "lookup-000017", "task": "lookup", "prompt": "...", "answer": "zorvak",
+    {"id": "lookup-000017", "task": "lookup", "prompt": "...", "answer": "ka417",
      "meta": {"length": 512, "depth": 0.41, ...}}
 
 ``policylong align`` reads such a file (``align.task_file``) or writes one from the families
-named in ``align.tasks`` (seeded: the same seed gives the same bytes). Families so far:
+named in ``align.tasks`` (seeded: the same seed gives the same bytes). Families (formats and
+rewards in docs/tasks.md):
 
-  lookup   K facts ``the access code of E_k is V_k`` at random depths of a filler haystack in
-           the synthetic language, one of them queried (``later E told us that the access code
-           of E is``); the response must start with V (exact match after normalisation). The
-           other K - 1 facts are same-theme distractors (other entity, same attribute).
+  lookup         one of K same-attribute facts in a filler haystack; answer the value.
+  multihop       a variable-tracking chain ``the A of E2 is the A of E1`` over the context;
+                 answer the last entity's value.
+  grounding      numbered passages; answer ``V [k]`` (value, supporting passage), or
+                 ``not stated`` when no passage states the fact.
+  longform       every fact about one entity; answer the values, `` , ``-separated (set F1
+                 less a penalty per invented value).
+  longblocks_em  LongBlocks rows (``read_longblocks``), exact match; ``longblocks_f1``: token
+                 F1. Read from Parquet, never generated.
+
+The generated families are in the synthetic language of ``policylong.synthetic``; each
+generator takes ``depth`` (where the key evidence sits, a fraction of the context) and records
+``length``, ``depth`` and its own keys in ``meta``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import re
-import string
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 
 from policylong import synthetic as syn
 
+from .grounding import ABSENT_FRACTION, GROUNDING, NOT_STATED, grounding_record
+from .haystack import DISTRACTORS_PER_1K
+from .longblocks import LONGBLOCKS, read_longblocks
+from .longblocks import TEMPLATE as LONGBLOCKS_TEMPLATE
+from .longform import LONGFORM, longform_record
+from .lookup import LOOKUP, LOOKUP_KEYS, lookup_record
+from .multihop import MULTIHOP, MULTIHOP_HOPS, multihop_record
+from .records import (
+    Family,
+    TaskError,
+    TaskRecord,
+    exact_match,
+    first_line,
+    first_sentence,
+    normalize_answer,
+    token_f1,
+)
 
-class TaskError(ValueError):
-    """A task file or task name is unusable; raised before any model work, naming the file,
-    row or value."""
+log = logging.getLogger(__name__)
 
-
-@dataclass
-class TaskRecord:
-    id: str
-    """Unique within the file."""
-    task: str
-    """The family whose verifier scores the responses (a key of ``FAMILIES``)."""
-    prompt: str
-    """The text the policy continues: context and question."""
-    answer: str
-    """The reference answer."""
-    meta: dict = field(default_factory=dict)
-    """How it was made (length, depth of the evidence, ...), for per-bucket metrics."""
-
-
-# -- verifiers ---------------------------------------------------------------------------------
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def first_sentence(text: str) -> str:
-    """The response up to its first sentence end (``.``, ``?``, ``!`` or a newline)."""
-    return re.split(r"[.?!\n]", text, maxsplit=1)[0]
-
-
-def exact_match(response: str, answer: str) -> float:
-    """1.0 when the response's first sentence equals the answer after normalisation."""
-    return float(normalize_answer(first_sentence(response)) == normalize_answer(answer))
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    verify: object
-    """``verify(response_text, record) -> reward in [0, 1]``."""
-    stop: tuple[str, ...]
-    """Texts that end a response (besides the model's EOS) when each is one token."""
-
-
-def _verify_lookup(response: str, rec: TaskRecord) -> float:
-    return exact_match(response, rec.answer)
-
+__all__ = [
+    "ABSENT_FRACTION",
+    "DISTRACTORS_PER_1K",
+    "FAMILIES",
+    "GENERATORS",
+    "LONGBLOCKS_TEMPLATE",
+    "LOOKUP_KEYS",
+    "MULTIHOP_HOPS",
+    "NOT_STATED",
+    "Family",
+    "TaskError",
+    "TaskRecord",
+    "exact_match",
+    "family",
+    "first_line",
+    "first_sentence",
+    "generate_tasks",
+    "grounding_record",
+    "longform_record",
+    "lookup_record",
+    "multihop_record",
+    "normalize_answer",
+    "read_longblocks",
+    "read_tasks",
+    "reward",
+    "tasks_jsonl",
+    "token_f1",
+    "unspellable",
+    "write_tasks",
+]
 
 FAMILIES: dict[str, Family] = {
-    "lookup": Family("lookup", _verify_lookup, (".",)),
+    f.name: f for f in (LOOKUP, MULTIHOP, GROUNDING, LONGFORM, *LONGBLOCKS.values())
 }
 
 
@@ -101,63 +107,49 @@ def reward(rec: TaskRecord, response: str) -> float:
 
 # -- generators --------------------------------------------------------------------------------
 
-LOOKUP_KEYS = 4
-"""Facts per lookup prompt (one queried, the rest same-attribute distractors; RULER's 4)."""
+GENERATORS = {
+    "lookup": lookup_record,
+    "multihop": multihop_record,
+    "grounding": grounding_record,
+    "longform": longform_record,
+}
+"""Family -> ``record(i, tok, lang, length, rng, depth=None)``."""
 
 
-def _ntok(tok, text: str) -> int:
-    return len(tok(text, add_special_tokens=False)["input_ids"])
+def unspellable(tok, name: str) -> list[str]:
+    """The texts of family ``name``'s ``needs`` that ``tok`` maps to its unknown token (a
+    word-level tokenizer, such as the embedded model's, knows only its own words)."""
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is None:
+        return []
+    return [t for t in family(name).needs if unk in tok(t, add_special_tokens=False)["input_ids"]]
 
 
-def lookup_record(
-    i: int, tok, lang: syn.Language, length: int, rng: np.random.Generator
-) -> TaskRecord:
-    """One ``lookup`` prompt of about ``length`` tokens (haystack, K facts, the question)."""
-    attr = "code"
-    idx = rng.choice(len(lang.entities), size=LOOKUP_KEYS, replace=False)
-    ents = [lang.entities[int(j)] for j in idx]
-    vals = [lang.values[attr][int(rng.integers(len(lang.values[attr])))] for _ in ents]
-    facts = [syn.fact_sentence(attr, e, v) for e, v in zip(ents, vals)]
-    q = int(rng.integers(LOOKUP_KEYS))
-    lead = syn.use_sentence(attr, ents[q], "@@")
-    question = lead[: lead.index("@@")].strip()
-    budget = length - _ntok(tok, question) - sum(_ntok(tok, f) for f in facts)
-    hay: list[str] = []
-    used = 0
-    while used < budget:
-        s = syn._fill(syn.FILLER[int(rng.integers(len(syn.FILLER)))], rng)
-        hay.append(s)
-        used += _ntok(tok, s)
-    slots = sorted(int(rng.integers(0, len(hay) + 1)) for _ in facts)
-    order = [int(j) for j in rng.permutation(LOOKUP_KEYS)]
-    parts, k = [], 0
-    depth = 0.0
-    for pos in range(len(hay) + 1):
-        while k < len(facts) and slots[k] == pos:
-            if order[k] == q:
-                depth = pos / max(len(hay), 1)
-            parts.append(facts[order[k]])
-            k += 1
-        if pos < len(hay):
-            parts.append(hay[pos])
-    prompt = " ".join(parts + [question])
-    meta = {"length": length, "depth": round(depth, 4), "keys": LOOKUP_KEYS}
-    return TaskRecord(f"lookup-{i:06d}", "lookup", prompt, vals[q], meta)
-
-
-GENERATORS = {"lookup": lookup_record}
-
-
-def generate_tasks(names: list[str], n: int, length: int, seed: int, tok) -> list[TaskRecord]:
-    """``n`` records cycling over the families ``names``, each about ``length`` tokens; the
-    same arguments give the same records."""
+def generate_tasks(
+    names: list[str], n: int, length: int, seed: int, tok, depth: float | None = None
+) -> list[TaskRecord]:
+    """``n`` records cycling over the families ``names``, each about ``length`` tokens, the key
+    evidence at ``depth`` (a fraction of the context; ``None``: drawn per record); the same
+    arguments give the same records."""
     for name in names:
         family(name, "align.tasks")
         if name not in GENERATORS:
             raise TaskError(f"align.tasks: family {name!r} has no generator (use a task file)")
+    if depth is not None and not 0.0 <= depth <= 1.0:
+        raise TaskError(f"depth {depth} must lie in [0, 1]")
+    for name in dict.fromkeys(names):
+        if missing := unspellable(tok, name):
+            log.warning(
+                "align.tasks: the tokenizer cannot spell %s (unknown token), so %s responses "
+                "never earn the full reward",
+                ", ".join(repr(t) for t in missing),
+                name,
+            )
     lang = syn.build_language()
     rng = np.random.default_rng([seed, 0x7A5C])
-    return [GENERATORS[names[i % len(names)]](i, tok, lang, length, rng) for i in range(n)]
+    return [
+        GENERATORS[names[i % len(names)]](i, tok, lang, length, rng, depth=depth) for i in range(n)
+    ]
 
 
 # -- task files --------------------------------------------------------------------------------
@@ -182,7 +174,7 @@ def read_tasks(path: str) -> list[TaskRecord]:
     if not os.path.isfile(path):
         raise TaskError(f"{path}: task file not found")
     out, seen = [], set()
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for ln, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -197,6 +189,8 @@ def read_tasks(path: str) -> list[TaskRecord]:
                 if not isinstance(row.get(k), str) or not row[k].strip():
                     raise TaskError(f"{where}: field {k!r} missing or empty")
             family(row["task"], f"{where} field 'task'")
+            if not isinstance(row.get("meta", {}), dict):
+                raise TaskError(f"{where}: field 'meta' must be a JSON object")
             if row["id"] in seen:
                 raise TaskError(f"{where}: duplicate id {row['id']!r}")
             seen.add(row["id"])

@@ -23,7 +23,7 @@
 
 ``train``, ``convert``, ``export``, ``run`` and ``align`` run under ``torchrun`` with any
 TP×PP×CP×DP layout that the world size allows (``--set parallel.tensor_parallel=2``; ``run``:
-CP = 1; ``align``: TP×DP); alone they are a world of one.
+CP = 1; ``align``: TP×PP×DP); alone they are a world of one.
 
 Config-driven commands (demo, index, screen, train, run, convert, export, report, align)
 take ``--config PRESET`` (a YAML file or a shipped preset's name; repeatable, merged in

@@ -328,7 +328,16 @@ def _loss(a: AlignConfig, ctx: dict, mb: dict, hidden: torch.Tensor):
 
 def _forward_step(a, ctx, data_iterator, model):
     mb = next(data_iterator)
-    hidden = model(mb["tokens"], mb["pos"], None)  # [s, b, d]: post_process is off
+    # the decoder's hidden states [s, b, d] instead of logits: the fused head does the rest.
+    # post_process is off for this call only: megatron-core's finalize_model_grads (the tied
+    # embedding's all-reduce between the first and last stage) reads it after the backward.
+    inner = ctx["model"]
+    saved = inner.post_process
+    inner.post_process = False
+    try:
+        hidden = model(mb["tokens"], mb["pos"], None)
+    finally:
+        inner.post_process = saved
     return hidden, partial(_loss, a, ctx, mb)
 
 
@@ -361,20 +370,16 @@ def train_on(cfg: Config, ddp, model, opt, sched, batch: Batch, rows: list[int],
     data = iter([_micro(batch, m, seq, ctx, device) for m in micro])
     ddp.zero_grad_buffer()
     opt.zero_grad()
-    saved = model.post_process
-    model.post_process = False  # the decoder's hidden states; the fused head does the rest
-    try:
-        get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, a, ctx),
-            data_iterator=data,
-            model=[ddp],
-            num_microbatches=n_micro,
-            seq_length=seq,
-            micro_batch_size=mbs,
-            forward_only=False,
-        )
-    finally:
-        model.post_process = saved
+    ctx["model"] = model
+    get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, a, ctx),
+        data_iterator=data,
+        model=[ddp],
+        num_microbatches=n_micro,
+        seq_length=seq,
+        micro_batch_size=mbs,
+        forward_only=False,
+    )
     ok, grad_norm, _ = opt.step()
     if not ok:
         raise RuntimeError("align: optimizer step skipped (inf/nan gradients)")

@@ -64,12 +64,12 @@ def start_ckpt(tmp_path_factory):
     return str(out)
 
 
-def _step(tmp_path, nproc, tp, teacher, form="full"):
+def _step(tmp_path, nproc, tp, teacher, form="full", pp=1):
     from policylong.paths import embedded_model_dir
 
-    out = tmp_path / f"step_{nproc}_{tp}_{form}.pt"
+    out = tmp_path / f"step_{nproc}_{tp}_{pp}_{form}.pt"
     torchrun(
-        nproc, "align", "--json", out, "--tp", tp, "--hf", embedded_model_dir(),
+        nproc, "align", "--json", out, "--tp", tp, "--pp", pp, "--hf", embedded_model_dir(),
         "--init", teacher, "--form", form,
     )  # fmt: skip
     return torch.load(out)
@@ -80,30 +80,32 @@ def _rel(a: dict, b: dict) -> float:
     return num / sum(float((a[k] ** 2).sum()) for k in a) ** 0.5
 
 
-def test_step_is_the_same_at_tp2_and_dp2(teacher, tmp_path):
+def test_step_is_the_same_at_tp2_pp2_and_dp2(teacher, tmp_path):
     """One dGRPO step (teacher form ``full``: the exact KL from sharded teacher heads) on a
-    fixed batch: TP = 2 (vocab 1519 over 2 shards: 760 + 759) and DP = 2 (one prompt per rank,
-    3-row micro-batches) give the TP = 1 loss and HF-layout gradients within 1e-5. The
-    KV-cached sampler's log-probs equal a float64 full forward's within 1e-4, a seed
-    reproduces its samples, and TP = 2 samples the same tokens as TP = 1."""
+    fixed batch: TP = 2 × PP = 2 (vocab 1519 over 2 shards: 760 + 759; one layer per stage,
+    KV caches per stage, fixed-shape micro-batches, the tied embedding's gradient all-reduced
+    between the stages) and DP = 2 (one prompt per rank, 3-row micro-batches) give the
+    one-process loss and HF-layout gradients within 1e-5. The KV-cached
+    sampler's log-probs equal a float64 full forward's within 1e-4, a seed reproduces its
+    samples, and TP = 2 and PP = 2 sample the same tokens as one process."""
     ref = _step(tmp_path, 1, 1, teacher)
     assert ref["same_seed_same_samples"]
     assert ref["sampler_logprob_max_err"] < 1e-4, ref["sampler_logprob_max_err"]
     assert ref["loss"] > 0 and ref["grad_norm"] > 0
-    for nproc, tp in ((2, 2), (2, 1)):
-        r = _step(tmp_path, nproc, tp, teacher)
-        assert abs(r["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (tp, r["loss"])
+    for nproc, tp, pp in ((4, 2, 2), (2, 1, 1)):
+        r = _step(tmp_path, nproc, tp, teacher, pp=pp)
+        assert abs(r["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (tp, pp, r["loss"])
         assert r["grads"].keys() == ref["grads"].keys()
-        assert _rel(r["grads"], ref["grads"]) < 1e-5, (nproc, tp)
+        assert _rel(r["grads"], ref["grads"]) < 1e-5, (nproc, tp, pp)
         assert r["sampler_logprob_max_err"] < 1e-4
-        if tp == 2:
-            assert r["samples"] == ref["samples"]
+        assert r["samples"] == ref["samples"], (tp, pp)
 
 
 def test_every_preset_runs_from_a_converted_checkpoint(start_ckpt, teacher, tmp_path):
-    """grpo, dgrpo (teacher forms loss, full, advantage), opd, sft and kd each run 2 steps
-    from a Megatron checkpoint and log finite metrics; the teacher terms show in the rows of
-    the methods that have one, and sft / kd train on the teacher's responses."""
+    """grpo, dgrpo, opd, sft, kd and gold-sft each run 2 steps from a Megatron checkpoint and
+    log finite metrics; the teacher terms show in the rows of the methods that have one, sft /
+    kd train on the teacher's responses and gold-sft on the reference answers (which its own
+    verifier scores 1)."""
     w = tmp_path / "w"
     out = tmp_path / "presets.json"
     common = [
@@ -114,9 +116,10 @@ def test_every_preset_runs_from_a_converted_checkpoint(start_ckpt, teacher, tmp_
         "align.steps=2",
     ]
     sets = [x for s in common for x in ("--set", s)]
-    torchrun(1, "presets", "--json", out, "--presets", "grpo,dgrpo,opd,sft,kd", *sets)
+    names = ("grpo", "dgrpo", "opd", "sft", "kd", "gold-sft")
+    torchrun(1, "presets", "--json", out, "--presets", ",".join(names), *sets)
     res = json.loads(out.read_text())
-    for name in ("grpo", "dgrpo", "opd", "sft", "kd"):
+    for name in names:
         rows = [json.loads(x) for x in (w / "align" / name / "metrics.jsonl").open()]
         assert [r["step"] for r in rows] == [1, 2], name
         for r in rows:
@@ -126,6 +129,7 @@ def test_every_preset_runs_from_a_converted_checkpoint(start_ckpt, teacher, tmp_
     assert "kl_teacher" in res["dgrpo"] and "kl_teacher" in res["kd"]
     assert "kl_teacher" not in res["grpo"]
     assert res["sft"]["responses"] == "teacher" and res["kd"]["responses"] == "teacher"
+    assert res["gold-sft"]["responses"] == "reference" and res["gold-sft"]["reward"] == 1.0
     assert res["opd"]["zero_variance_frac"] == 1.0  # reward 0: every group has zero variance
 
 
@@ -169,3 +173,38 @@ def _saved(ckpt, tmp):
     it = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     dcp_to_torch_save(str(ckpt / f"iter_{it:07d}"), str(tmp))
     return torch.load(tmp, weights_only=False)
+
+
+def test_eval_tasks_matches_hugging_face_greedy_decoding(tmp_path):
+    """`policylong eval-tasks` (greedy, KV-cached, on the Megatron model) scores the embedded
+    model as Hugging Face's own greedy `generate` does on the same prompts, family by family."""
+    from transformers import AutoModelForCausalLM
+
+    from policylong.align.rollout import prompt_ids, stop_ids
+    from policylong.corpus import load_tokenizer
+    from policylong.paths import embedded_model_dir
+    from policylong.tasks import generate_tasks, reward
+
+    fams, n, length, seed = ["lookup", "multihop"], 6, 96, 5
+    rc, log = _cli(
+        "eval-tasks", "--model", "embedded", "--tasks", ",".join(fams), "--lengths", length,
+        "--n", n, "--seed", seed, "--max-new", 4, "--out", tmp_path,
+    )  # fmt: skip
+    assert rc == 0, log[-3000:]
+    got = json.loads((tmp_path / "tasks_eval.json").read_text())["embedded"][str(length)]
+    assert (tmp_path / "tasks_eval.png").stat().st_size > 0
+    d = embedded_model_dir()
+    tok = load_tokenizer(d)
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    recs = generate_tasks(fams, n * len(fams), length, seed, tok)
+    stops = sorted(stop_ids(tok, set(fams)))
+    acc: dict = {}
+    for r in recs:
+        ids = torch.tensor([prompt_ids(tok, r, 4096, 4)])
+        with torch.no_grad():
+            y = hf.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=stops)
+        text = tok.decode(y[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+        acc.setdefault(r.task, []).append(reward(r, text))
+    for fam in fams:
+        assert got[fam]["n"] == len(acc[fam])
+        assert got[fam]["accuracy"] == pytest.approx(sum(acc[fam]) / len(acc[fam])), fam

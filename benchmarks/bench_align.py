@@ -69,6 +69,7 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
+    from rows import RESULTS, run_meta
 
     from policylong.align.evaluate import plot_eval, task_accuracy
     from policylong.align.loop import run_align
@@ -77,7 +78,6 @@ def main() -> None:
     from policylong.logs import setup_logging
     from policylong.megatron_ext.lm import megatron_language_model
     from policylong.tasks import generate_tasks
-    from rows import RESULTS, run_meta
 
     setup_logging()
     torch.set_num_threads(os.cpu_count() or 1)

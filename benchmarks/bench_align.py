@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=list(PRESETS))
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--teacher-steps", type=int, default=30)
+    ap.add_argument("--teacher-lr", type=float, help="gold-sft learning rate (default: --lr)")
     ap.add_argument("--tasks", default="lookup")
     ap.add_argument("--task-length", type=int, default=256)
     ap.add_argument("--num-tasks", type=int, default=256)
@@ -87,7 +88,9 @@ def main() -> None:
     if teacher is None:
         cfg = load_config(
             ["gold-sft"],
-            base + ["seed=99", f"align.steps={a.teacher_steps}", "align.preset=teacher"],
+            base
+            + ["seed=99", f"align.steps={a.teacher_steps}", "align.preset=teacher"]
+            + [f"align.lr={a.teacher_lr or a.lr}"],
         )
         run_align(cfg)
         teacher = os.path.join(a.workdir, "align", "teacher", "ckpt")
@@ -143,6 +146,10 @@ def main() -> None:
                 "teacher_accuracy": evals["teacher"],
                 "start_niah128": retention["start"],
                 "teacher": teacher,
+                "teacher_steps": a.teacher_steps,
+                "teacher_lr": a.teacher_lr or a.lr,
+                "lr": a.lr,
+                "tasks": a.tasks,
                 "start": a.start,
             }
         )

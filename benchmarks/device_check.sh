@@ -5,6 +5,7 @@
 #   SWEEP=1 bash benchmarks/device_check.sh      # + the kernel variant sweep (about 4 minutes)
 #   PHASES="tests policy" bash benchmarks/device_check.sh  # + the policy head (budget 3.5 min)
 #   PHASES="tests train" bash benchmarks/device_check.sh   # a subset of the phases
+#   PHASES="align" bash benchmarks/device_check.sh         # the alignment loop in bf16 (~2 min)
 # Phases, each with its own timeout and log under $OUT, the rows so far copied to
 # $OUT/results.jsonl after each one (a call cut off at the device tool's limit keeps what it
 # measured):
@@ -20,6 +21,9 @@
 #            v = 151,936/128,256 against cuBLAS / a device copy (benchmarks/KERNELS.md)
 #   chunked  the chunked PyTorch path at the headline shape, for the speed-up
 #   train    bench_train at the Qwen2.5-0.5B shape, 32K tokens, bf16, ending with a save
+#   align    (not in the default list) `policylong align` on CUDA in bf16 (Float16Module,
+#            the Triton policy head, KV-cached sampling): grpo, then dgrpo with the exact
+#            teacher KL, 3 steps each on the embedded model, then a rerun that must resume
 # The image there has torch and triton but not megatron-core: its wheel travels in .whl/
 # (python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12
 # --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1). The package goes on
@@ -87,5 +91,20 @@ if want train; then
         | tee "$OUT/bench_train.log" | tail -30)
     tail -c 4000 /tmp/bench_train/ckpt/metrics.jsonl > "$OUT/metrics.jsonl" 2>/dev/null
     save
+fi
+if want align; then
+    echo "== alignment loop on CUDA, bf16 (never run on a GPU before)"
+    A=(--workdir /tmp/align --from embedded --steps 3 --set align.prompts_per_step=4
+       --set align.group_size=4 --set align.task_length=256 --set align.max_new_tokens=4
+       --set align.save_interval=1)
+    T=$(python3 -c "from policylong.paths import embedded_model_dir as e; print(e())")
+    (cd /tmp && timeout "${ALIGN_TIMEOUT:-150}" bash -c "
+        python3 -m policylong.cli align --config grpo ${A[*]} &&
+        python3 -m policylong.cli align --config dgrpo --teacher $T \
+            --set align.teacher_form=full ${A[*]} &&
+        python3 -m policylong.cli align --config dgrpo --teacher $T \
+            --set align.teacher_form=full ${A[*]}" 2>&1 | grep -v "step/s\]" \
+        | tee "$OUT/align.log" | tail -20)
+    cat /tmp/align/align/*/metrics.jsonl > "$OUT/align_metrics.jsonl" 2>/dev/null
 fi
 exit 0

@@ -3,7 +3,10 @@
 synthetic corpus (planted dependencies + ground truth) -> FAISS passage index -> PolicyLong and
 EntropyLong side by side, each a ``policylong run`` of T stages (screen with M_t, train M_t into
 M_{t+1} with Megatron-Core on gloo) at a target length L several times the embedded model's
-training length (400 tokens), with the RoPE base raised -> ``policylong report`` (JSON + PNGs).
+training length (400 tokens), with the RoPE base raised -> ``policylong report`` (JSON + PNGs)
+-> alignment of PolicyLong's extended model: a teacher (``gold-sft``: the extended model
+fine-tuned on reference answers of tasks of another seed), then ``dgrpo`` from the extended
+model with that teacher, then greedy task accuracy of the three (``policylong eval-tasks``).
 
 Both runs see the same corpus, the same root documents per stage, the same token budget and
 the same training schedule; they differ only in the method preset (``policylong/presets/``).
@@ -18,6 +21,8 @@ import logging
 import os
 import time
 
+from policylong.align.evaluate import evaluate_tasks, plot_eval, write_eval
+from policylong.align.loop import run_align
 from policylong.config import load_config
 from policylong.report import loop_report, summarize_report
 from policylong.retrieval import build_index
@@ -44,6 +49,19 @@ DEMO_SETTINGS = [
     "train.lr_warmup_steps=3",
     "train.save_interval=10",
 ]
+ALIGN_SETTINGS = [
+    "align.tasks=lookup",
+    "align.task_length=256",
+    "align.prompts_per_step=8",
+    "align.group_size=8",
+    "align.max_new_tokens=4",
+    "align.lr=3e-5",
+    "align.micro_batch_size=16",
+]
+"""The alignment part: 256-token lookup prompts; 8 prompts x 8 rollouts per step."""
+ALIGN_STEPS = {"teacher": 30, "dgrpo": 15}
+ALIGN_EVAL = {"lengths": [256, 512], "n": 48, "seed": 777}
+"""Held-out evaluation prompts (a seed no run trains on)."""
 HELDOUT = 24
 """Root documents kept out of every stage: the report's probes and landscape use them."""
 
@@ -87,8 +105,44 @@ def run_demo(configs: list[str] | None, overrides: list[str], roots: int | None 
             "hard_negative_distractor_recall",
         )
     }
-    summary["report"] = rep["plots"]
+    t1 = time.time()
+    summary["align"] = _align(cfg, configs, overrides)
+    seconds["align"] = round(time.time() - t1, 1)
+    summary["report"] = rep["plots"] + [os.path.join(cfg.workdir, "report", "tasks_eval.png")]
     summary["seconds"] = {**seconds, "total": round(time.time() - t0, 1)}
     with open(os.path.join(cfg.workdir, "report", "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def _align(cfg, configs, overrides) -> dict:
+    """Teacher (gold-sft, tasks of seed 99), dgrpo from PolicyLong's last checkpoint, then the
+    greedy task accuracy of start, teacher and result on held-out prompts."""
+    start = os.path.join(cfg.workdir, "runs", DEMO_RUNS[0], f"ckpt_{cfg.loop.stages}")
+    base = DEMO_SETTINGS + overrides + ALIGN_SETTINGS + [f"model.path={start}"]
+    teacher_cfg = load_config(
+        [*(configs or []), "gold-sft"],
+        base + ["seed=99", "align.preset=teacher", f"align.steps={ALIGN_STEPS['teacher']}"],
+    )
+    log.info("demo: align teacher (gold-sft from %s)", start)
+    run_align(teacher_cfg)
+    teacher = os.path.join(cfg.workdir, "align", "teacher", "ckpt")
+    dg = load_config(
+        [*(configs or []), "dgrpo"],
+        base + [f"align.teacher={teacher}", f"align.steps={ALIGN_STEPS['dgrpo']}"],
+    )
+    log.info("demo: align dgrpo (teacher %s)", teacher)
+    last = run_align(dg)
+    models = [start, teacher, os.path.join(cfg.workdir, "align", "dgrpo", "ckpt")]
+    e = ALIGN_EVAL
+    res = evaluate_tasks(dg, models, ["lookup"], e["lengths"], e["n"], e["seed"], 4)
+    out = os.path.join(cfg.workdir, "report")
+    write_eval(res, out)
+    plot_eval(res, os.path.join(out, "tasks_eval.png"))
+    names = dict(zip(models, ("start", "teacher", "dgrpo")))
+    return {
+        "greedy_accuracy": {
+            names[m]: {L: v["lookup"]["accuracy"] for L, v in per.items()} for m, per in res.items()
+        },
+        "dgrpo_last_step": {k: last.get(k) for k in ("reward", "kl_teacher", "loss")},
+    }

@@ -94,6 +94,8 @@ class Scorer:
             self.hf_cfg, model_options(cfg, path), max_seq_length=max_seq_length
         )
         load_start_weights(self.model, path, self.hf_cfg, it)
+        if self.model.config.bf16:  # what Float16Module does to the policy: every parameter
+            self.model.bfloat16()  # (the local spec makes its norm weights float32)
         self.model.eval()
         for p_ in self.model.parameters():
             p_.requires_grad_(False)

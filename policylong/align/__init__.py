@@ -8,7 +8,6 @@ KV-cached rollouts, rewards, teacher and reference scorers; ``loop``: ``run_alig
 from policylong.align.loop import plan_align, run_align
 from policylong.align.objective import (
     aggregate,
-    aggregation_count,
     clipped_policy_loss,
     dgrpo_loss,
     group_advantages,
@@ -20,7 +19,6 @@ from policylong.align.objective import (
 
 __all__ = [
     "aggregate",
-    "aggregation_count",
     "clipped_policy_loss",
     "dgrpo_loss",
     "group_advantages",

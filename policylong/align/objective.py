@@ -141,15 +141,6 @@ def aggregate(
     raise ValueError(f"aggregation {mode!r}: must be one of {', '.join(AGGREGATIONS)}")
 
 
-def aggregation_count(mask: torch.Tensor, mode: str) -> int:
-    """What ``aggregate`` divides by for ``mask[B, T]``: masked tokens (``token-mean``) or
-    rows with any masked token (``seq-mean``); summed over a batch's parts it is the
-    ``denominator`` of the whole."""
-    if mode == "token-mean":
-        return int(mask.sum())
-    return int((mask.sum(dim=-1) > 0).sum())
-
-
 def rollout_advantages(cfg: AlignConfig, rewards: torch.Tensor):
     """Group advantages of ``rewards[P, G]`` as ``cfg`` defines them (``reward_weight``,
     ``normalize_std``): ``(advantages[P, G], zero_variance bool[P])``. G = 1 is allowed only

@@ -400,3 +400,32 @@ def test_align_relations():
         load_config("opd", ["align.skip_zero_variance=true"])
     with pytest.raises(ValueError, match=r"'align\.ref_estimator' = 'k1'"):
         load_config("grpo", ["align.ref_coef=0.1", "align.ref_estimator=k1"])
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean"])
+@pytest.mark.parametrize("form", ["loss", "advantage"])
+def test_parts_with_the_whole_denominator_sum_to_the_whole(agg, form):
+    """What the loop does across micro-batches and data-parallel ranks: advantages computed
+    over whole groups (``rollout_advantages``), each part's loss divided by the whole batch's
+    count (``denominator``); the parts' losses and gradients add up to the whole batch's."""
+    from policylong.align import rollout_advantages
+
+    logp, logp_old, logp_t, mask, rewards = _batch(3)
+    cfg = _cfg(teacher="t", teacher_coef=0.3, teacher_form=form, aggregation=agg)
+    whole, _ = dgrpo_loss(cfg, logp, mask, rewards, logp_old, logp_teacher=logp_t)
+    (g_whole,) = torch.autograd.grad(whole, logp)
+    adv = rollout_advantages(cfg, rewards)[0].reshape(-1)
+    den = int(mask.sum()) if agg == "token-mean" else int((mask.sum(-1) > 0).sum())
+    total, g_parts = 0.0, torch.zeros_like(logp)
+    for rows in ([0, 5, 7], [1, 2, 3, 4], [6, 8, 9, 10, 11]):  # cuts through groups
+        r = torch.tensor(rows)
+        lp = logp.detach()[r].requires_grad_(True)
+        part, _ = dgrpo_loss(
+            cfg, lp, mask[r], logp_old=logp_old[r], logp_teacher=logp_t[r],
+            advantages=adv[r], denominator=den,
+        )  # fmt: skip
+        (g,) = torch.autograd.grad(part, lp)
+        total += float(part)
+        g_parts[r] += g
+    assert total == pytest.approx(float(whole), rel=1e-12, abs=1e-15)
+    assert torch.allclose(g_parts, g_whole, rtol=1e-12, atol=1e-15)

@@ -46,6 +46,18 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def truncate_jsonl(path: str, step: int) -> None:
+    """Drop the lines of ``path`` (JSON lines with a ``step``) after ``step``, keeping the rest
+    byte for byte: what a resumed run does to the logs of steps it did not save."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
 class MetricsLog:
     """One JSON line per step in ``path`` (``metrics.jsonl``) and, when the ``tensorboard``
     package is installed, the same numbers as TensorBoard scalars under ``tb_dir`` (as
@@ -56,12 +68,7 @@ class MetricsLog:
 
     def __init__(self, path: str, tb_dir: str | None = None, resume_step: int = 0):
         self.path = path
-        if os.path.isfile(path):
-            with open(path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(path + ".tmp", path)
+        truncate_jsonl(path, resume_step)
         self.tb = None
         if tb_dir is not None:
             try:

@@ -37,7 +37,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from policylong.config import AlignConfig, Config
 from policylong.corpus import eos_id, load_tokenizer
 from policylong.kernels import fused_linear_policy
-from policylong.logs import MetricsLog, die_if
+from policylong.logs import MetricsLog, die_if, truncate_jsonl
 from policylong.megatron_ext.checkpointing import (
     check_compatible,
     close_checkpoint_writer,
@@ -51,7 +51,7 @@ from policylong.megatron_ext.checkpointing import (
     write_meta,
 )
 from policylong.megatron_ext.generate import hidden_rows
-from policylong.megatron_ext.model import build_gpt_model
+from policylong.megatron_ext.model import build_gpt_model, output_weight
 from policylong.megatron_ext.optim import build_optimizer, wrap_ddp, wrap_float16
 from policylong.megatron_ext.parallel import barrier, init_distributed, is_rank0
 from policylong.megatron_ext.step import broadcast_from_writer, is_metrics_writer
@@ -207,11 +207,7 @@ def plan_align(cfg: Config):
 def _head(model, vocab: int):
     """This rank's LM-head shard (the parameter itself, so gradients reach it), cut to the
     first ``vocab`` ids; and the shard's first id."""
-    w = (
-        model.shared_embedding_or_output_weight()
-        if model.share_embeddings_and_output_weights
-        else model.output_layer.weight
-    )
+    w = output_weight(model)
     start = ps.get_tensor_model_parallel_rank() * w.shape[0]
     keep = max(0, min(w.shape[0], vocab - start))
     return w[:keep], start
@@ -428,16 +424,6 @@ def _gather_rows(rows: list[dict]) -> list[dict]:
     return [r for part in allr for r in part]
 
 
-def _truncate_jsonl(path: str, step: int) -> None:
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
-
-
 def run_align(cfg: Config) -> dict:
     """The alignment run of ``cfg`` (resumes when its folder holds a checkpoint); collective
     over the torchrun world. Returns the last step's metrics. Fault points for the tests:
@@ -502,7 +488,7 @@ def run_align(cfg: Config) -> dict:
         tb = os.path.join(out, "tensorboard") if start < a.steps else None
         metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), tb, start)
         rollouts_path = os.path.join(out, "rollouts.jsonl")
-        _truncate_jsonl(rollouts_path, start)
+        truncate_jsonl(rollouts_path, start)
     stops = stop_ids(tok, {r.task for r in records})
     pad = eos_id(tok)
     last_stage = ps.is_pipeline_last_stage()

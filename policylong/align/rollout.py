@@ -27,7 +27,7 @@ from policylong.megatron_ext.checkpointing import (
     resolve_start,
 )
 from policylong.megatron_ext.generate import Samples, hidden_rows, sample
-from policylong.megatron_ext.model import build_gpt_model
+from policylong.megatron_ext.model import build_gpt_model, output_weight
 from policylong.paths import split_source
 from policylong.tasks import TaskRecord, family, reward
 
@@ -107,11 +107,7 @@ class Scorer:
         be cut from it."""
         if self._full_head is None:
             m = self.model
-            w = (
-                m.shared_embedding_or_output_weight()
-                if m.share_embeddings_and_output_weights
-                else m.output_layer.weight
-            ).detach()
+            w = output_weight(m).detach()
             tp = ps.get_tensor_model_parallel_world_size()
             if tp > 1:
                 parts = [torch.empty_like(w) for _ in range(tp)]

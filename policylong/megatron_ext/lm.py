@@ -22,7 +22,7 @@ from policylong.corpus import context_token_id, eos_id, load_tokenizer
 from policylong.paths import split_source
 
 from .checkpointing import load_start_weights, model_options, resolve_start
-from .model import build_gpt_model, forward_only
+from .model import build_gpt_model, forward_only, output_weight
 from .parallel import init_distributed
 
 
@@ -80,12 +80,7 @@ class MegatronLanguageModel:
         m = self.model
         last = ps.is_pipeline_last_stage()
         if last:
-            w = (
-                m.shared_embedding_or_output_weight()
-                if m.share_embeddings_and_output_weights
-                else m.output_layer.weight
-            )
-            w = w.detach()
+            w = output_weight(m).detach()
         pp = ps.get_pipeline_model_parallel_world_size()
         if pp > 1:
             tp = ps.get_tensor_model_parallel_world_size()

@@ -554,6 +554,14 @@ def export_hf(model, cfg: dict, opts: ModelOptions, out_dir: str, meta_dir: str 
         dist.barrier()
 
 
+def output_weight(model) -> torch.Tensor:
+    """The last stage's LM-head parameter ``[vocab_padded/tp, d]``: the output layer's, or the
+    word embedding's when they are tied."""
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight
+
+
 # -- forward (tests, evaluation) ----------------------------------------------------------------
 
 

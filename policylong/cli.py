@@ -195,8 +195,9 @@ def cmd_align(args) -> int:
 def cmd_eval_tasks(args) -> int:
     cfg = _config(args)
     res = evaluate_tasks(
-        cfg, args.model, args.tasks.split(","), args.lengths, args.n, args.seed, args.max_new
-    )
+        cfg, args.model, args.tasks.split(","), args.lengths, args.n, args.seed, args.max_new,
+        args.retention_n, args.retention_length, args.heldout,
+    )  # fmt: skip
     if _is_rank0():
         path = write_eval(res, args.out)
         plot_eval(res, os.path.join(args.out, "tasks_eval.png"))
@@ -352,6 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=32, help="prompts per family and length")
     p.add_argument("--seed", type=int, default=777, help="seed of the evaluation prompts")
     p.add_argument("--max-new", type=int, default=16, help="longest greedy response")
+    p.add_argument(
+        "--retention-n",
+        type=int,
+        default=32,
+        help="retention: NIAH-single probes and held-out documents per model (0: none)",
+    )
+    p.add_argument(
+        "--retention-length", type=int, default=128, help="retention: NIAH-single probe length"
+    )
+    p.add_argument(
+        "--heldout",
+        help="retention: corpus of held-out short documents (default: fresh synthetic texts)",
+    )
     p.add_argument("--out", required=True, help="folder for tasks_eval.json and .png")
     p.set_defaults(func=cmd_eval_tasks)
 

@@ -135,14 +135,22 @@ def _align(cfg, configs, overrides) -> dict:
     last = run_align(dg)
     models = [start, teacher, os.path.join(cfg.workdir, "align", "dgrpo", "ckpt")]
     e = ALIGN_EVAL
-    res = evaluate_tasks(dg, models, ["lookup"], e["lengths"], e["n"], e["seed"], 4)
+    res = evaluate_tasks(dg, models, ["lookup"], e["lengths"], e["n"], e["seed"], 4, e["n"])
     out = os.path.join(cfg.workdir, "report")
     write_eval(res, out)
     plot_eval(res, os.path.join(out, "tasks_eval.png"))
     names = dict(zip(models, ("start", "teacher", "dgrpo")))
     return {
         "greedy_accuracy": {
-            names[m]: {L: v["lookup"]["accuracy"] for L, v in per.items()} for m, per in res.items()
+            names[m]: {L: v["lookup"]["accuracy"] for L, v in r["tasks"].items()}
+            for m, r in res.items()
+        },
+        "retention": {
+            names[m]: {
+                "niah_single@128": r["retention"]["niah_single"]["accuracy"],
+                "heldout_loss": r["retention"]["heldout_loss"]["loss"],
+            }
+            for m, r in res.items()
         },
         "dgrpo_last_step": {k: last.get(k) for k in ("reward", "kl_teacher", "loss")},
     }

@@ -23,6 +23,11 @@ Tasks:
                    order, at random depths); query E3's code. Scored at the one value token
                    (RULER asks for every variable holding V; here the last one is queried).
 
+Short-context retention beside the probes: ``heldout_loss``, the language-model loss (nats per
+token) on held-out short documents, by default texts of the embedded base model's own
+pretraining distribution (``synthetic.training_text``, ≤ 360 words) drawn from a seed stream
+that pretraining never used.
+
 Scores come from the ``LanguageModel`` protocol only (``final_hidden`` + ``head_weight``), via
 ``kernels.fused_linear_stats`` (vocab-parallel): top-1 means the target's logit equals the
 maximum over the (possibly TP-sharded) vocabulary; full logits are never built.
@@ -39,7 +44,7 @@ import torch
 from policylong import synthetic as syn
 from policylong.corpus import encode, read_documents
 from policylong.kernels import fused_linear_stats
-from policylong.screening.entropy import gather_rows
+from policylong.screening.entropy import gather_rows, root_entropies
 from policylong.synthetic import read_ground_truth
 
 TASKS = (
@@ -329,3 +334,42 @@ def plot(results: dict, path: str) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# -- short-context retention -------------------------------------------------------------------
+
+HELDOUT_STREAM = 0x4C4D
+"""Second word of the held-out documents' seed sequence ``[seed, HELDOUT_STREAM]``: the base
+model's pretraining draws from ``default_rng(seed)`` (a one-word sequence), so no held-out text
+is one it trained on."""
+
+
+def heldout_documents(tok, n: int, seed: int = 0, path: str | None = None, max_tokens: int = 512):
+    """``n`` short documents as token ids (each cut to ``max_tokens``): the first ``n`` of the
+    corpus at ``path`` (any format ``corpus.read_documents`` reads) or, without one, fresh
+    texts of the embedded base model's pretraining distribution."""
+    if n <= 0:
+        raise ValueError(f"held-out documents: n = {n} must be > 0")
+    if path is not None:
+        docs = read_documents(path)[:n]
+        texts = [d.text for d in docs]
+    else:
+        rng = np.random.default_rng([seed, HELDOUT_STREAM])
+        lang = syn.build_language()
+        texts = [syn.training_text(rng, lang) for _ in range(n)]
+    out = [encode(tok, t)[:max_tokens] for t in texts]
+    if any(len(ids) == 0 for ids in out):
+        raise ValueError(f"{path or 'held-out documents'}: a document has no tokens")
+    return out
+
+
+@torch.no_grad()
+def heldout_loss(lm, docs: list[list[int]], batch_size: int = 4) -> dict:
+    """Mean next-token NLL over every token of ``docs`` (each scored after the model's context
+    token, as screening scores a root): ``{"loss": nats per token, "documents", "tokens"}``."""
+    tok = lm.tokenizer
+    ctx = lm.ctx_id if hasattr(lm, "ctx_id") else int(tok.bos_token_id or tok.eos_token_id)
+    pad = getattr(lm, "eos_id", 0)
+    per = root_entropies(lm, docs, ctx, pad, batch_size)
+    nll = torch.cat([n.double() for _, n in per])
+    return {"loss": float(nll.mean()), "documents": len(docs), "tokens": int(nll.numel())}

@@ -5,6 +5,10 @@ Greedy decoding (the arg max at every step, KV-cached through ``megatron_ext.gen
 the score a property of the model, not of a sampling seed; the prompts are generated with a
 seed of their own, so they are not the prompts any run trained on when that seed differs from
 the run's.
+
+Retention (what post-training must not cost): NIAH-single top-1 at a short length (the embedded
+probes of ``policylong.evaluation``) and the language-model loss on held-out short documents
+(``evaluation.heldout_loss``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 
 from policylong.config import Config
 from policylong.corpus import eos_id
+from policylong.evaluation import evaluate, heldout_documents, heldout_loss
 from policylong.megatron_ext.generate import sample
 from policylong.megatron_ext.lm import megatron_language_model
 from policylong.tasks import generate_tasks, reward
@@ -40,12 +45,24 @@ def task_accuracy(lm, records, max_new: int) -> dict:
     return {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in out.items()}
 
 
+def retention(lm, n: int, seed: int, length: int = 128, heldout: str | None = None) -> dict:
+    """Short-context ability of ``lm``: ``{"niah_single": {length, accuracy, n},
+    "heldout_loss": {loss, documents, tokens}}`` on ``n`` probes and ``n`` documents."""
+    niah = evaluate(lm, [length], n=n, tasks=("niah_single",), seed=seed)["niah_single"][length]
+    docs = heldout_documents(lm.tokenizer, n, seed, heldout, max_tokens=lm.max_length - 1)
+    return {
+        "niah_single": {"length": length, "accuracy": niah["accuracy"], "n": niah["n"]},
+        "heldout_loss": heldout_loss(lm, docs),
+    }
+
+
 def evaluate_tasks(
     cfg: Config, models: list[str], families: list[str], lengths: list[int], n: int, seed: int,
-    max_new: int,
+    max_new: int, retention_n: int = 0, retention_length: int = 128, heldout: str | None = None,
 ) -> dict:  # fmt: skip
     """Accuracy of each model (HF folder, checkpoint or ``CKPT@N``) on ``n`` generated records
-    per family and length: ``{model: {length: {family: {accuracy, n}}}}``."""
+    per family and length, and with ``retention_n > 0`` its retention:
+    ``{model: {"tasks": {length: {family: {accuracy, n}}}, "retention": {...}}}``."""
     res: dict = {}
     for src in models:
         lm = megatron_language_model(cfg, src)
@@ -55,7 +72,14 @@ def evaluate_tasks(
             per[str(length)] = task_accuracy(lm, recs, max_new)
             cells = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in per[str(length)].items())
             log.info("%s @ %d tokens: %s", src, length, cells)
-        res[src] = per
+        res[src] = {"tasks": per}
+        if retention_n > 0:
+            r = retention(lm, retention_n, seed, retention_length, heldout)
+            res[src]["retention"] = r
+            log.info(
+                "%s retention: niah_single@%d %.3f, held-out loss %.4f nats/token",
+                src, retention_length, r["niah_single"]["accuracy"], r["heldout_loss"]["loss"],
+            )  # fmt: skip
     return res
 
 
@@ -77,7 +101,8 @@ def plot_eval(res: dict, path: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for src, per in res.items():
+    for src, r in res.items():
+        per = r["tasks"]
         lengths = sorted(per, key=int)
         for fam in sorted({f for v in per.values() for f in v}):
             ys = [per[L][fam]["accuracy"] for L in lengths]

@@ -177,7 +177,9 @@ def _saved(ckpt, tmp):
 
 def test_eval_tasks_matches_hugging_face_greedy_decoding(tmp_path):
     """`policylong eval-tasks` (greedy, KV-cached, on the Megatron model) scores the embedded
-    model as Hugging Face's own greedy `generate` does on the same prompts, family by family."""
+    model as Hugging Face's own greedy `generate` does on the same prompts, family by family;
+    its held-out loss equals a float64 cross-entropy of Hugging Face's logits on the same
+    documents."""
     from transformers import AutoModelForCausalLM
 
     from policylong.align.rollout import prompt_ids, stop_ids
@@ -188,10 +190,11 @@ def test_eval_tasks_matches_hugging_face_greedy_decoding(tmp_path):
     fams, n, length, seed = ["lookup", "multihop"], 6, 96, 5
     rc, log = _cli(
         "eval-tasks", "--model", "embedded", "--tasks", ",".join(fams), "--lengths", length,
-        "--n", n, "--seed", seed, "--max-new", 4, "--out", tmp_path,
+        "--n", n, "--seed", seed, "--max-new", 4, "--retention-n", 3, "--out", tmp_path,
     )  # fmt: skip
     assert rc == 0, log[-3000:]
-    got = json.loads((tmp_path / "tasks_eval.json").read_text())["embedded"][str(length)]
+    res = json.loads((tmp_path / "tasks_eval.json").read_text())["embedded"]
+    got = res["tasks"][str(length)]
     assert (tmp_path / "tasks_eval.png").stat().st_size > 0
     d = embedded_model_dir()
     tok = load_tokenizer(d)
@@ -208,3 +211,17 @@ def test_eval_tasks_matches_hugging_face_greedy_decoding(tmp_path):
     for fam in fams:
         assert got[fam]["n"] == len(acc[fam])
         assert got[fam]["accuracy"] == pytest.approx(sum(acc[fam]) / len(acc[fam])), fam
+    from policylong.evaluation import heldout_documents
+
+    docs = heldout_documents(tok, 3, seed, max_tokens=4095)
+    nll = []
+    for doc in docs:
+        ids = torch.tensor([[tok.bos_token_id] + doc])
+        with torch.no_grad():
+            logits = hf(ids).logits[0, :-1].double()
+        nll.append(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none"))
+    ref = torch.cat(nll)
+    ret = res["retention"]
+    assert ret["heldout_loss"]["tokens"] == ref.numel()
+    assert ret["heldout_loss"]["loss"] == pytest.approx(float(ref.mean()), rel=1e-5)
+    assert ret["niah_single"]["n"] == 3 and 0.0 <= ret["niah_single"]["accuracy"] <= 1.0

@@ -1,10 +1,11 @@
 """Step 6: one training sequence of exactly L tokens, A whole at the end (paper Eq. 2).
 
 ``[globally shuffled {B_1..B_m, C_1^(1)..C_m^(k)} ; A]``, every chunk closed by the separator
-(EOS, Megatron's end-of-document). The chunks cover at least ``L - len(A) - 1`` tokens; the
-surplus is cut from the head of the first chunk, which is made a negative whenever there is one
-(so no positive is ever cut), and a leading negative that the surplus covers entirely is
-dropped.
+(EOS, Megatron's end-of-document). The chunks cover at least ``L - len(A) - 1`` tokens. The
+surplus goes to negatives only: taking the negatives in shuffled order, one the surplus covers
+entirely is dropped, and the first one it does not is moved to the head and cut there. A
+positive is never cut, since the positives alone fit in front of A (the pipeline keeps only
+those that do).
 """
 
 from __future__ import annotations
@@ -40,16 +41,21 @@ def assemble(
     if budget < 0:
         raise ValueError(f"root {root_id}: {len(tail)} tokens do not fit in L={L}")
     order = [chunks[i] for i in rng.permutation(len(chunks))]
-    neg_idx = next((i for i, c in enumerate(order) if not c[2]), None)
-    if neg_idx is not None and neg_idx != 0:
-        order.insert(0, order.pop(neg_idx))
     parts = [(cid, toks + sep, pos) for cid, toks, pos in order]
     excess = sum(len(p[1]) for p in parts) - budget
     if excess < 0:
         raise CannotFill(f"root {root_id}: chunks cover {budget + excess} of {budget} tokens")
-    while parts and not parts[0][2] and excess >= len(parts[0][1]):
-        excess -= len(parts[0][1])
-        parts.pop(0)
+    while excess > 0:
+        i = next((i for i, p in enumerate(parts) if not p[2]), None)
+        if i is None:
+            raise ValueError(
+                f"root {root_id}: the positives alone exceed the {budget} tokens in front of A"
+            )
+        if len(parts[i][1]) <= excess:
+            excess -= len(parts.pop(i)[1])
+        else:
+            parts.insert(0, parts.pop(i))
+            break
     head_trim = excess
     toks = [t for _, p, _ in parts for t in p][head_trim:] + tail
     assert len(toks) == L, (len(toks), L)

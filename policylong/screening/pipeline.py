@@ -145,7 +145,7 @@ class Screener:
                     "candidates": len(cands.rows),
                 },
             }
-            positives, rejected = [], []
+            positives, rejected, rejected_rows = [], [], set()
             if sc.verify:
                 verdicts = verify_root(
                     self.lm,
@@ -177,6 +177,7 @@ class Screener:
                         )
                     elif sc.nll_guard and v.by_entropy.any():
                         rejected.append(self.index.ids[v.row])
+                        rejected_rows.add(v.row)
                 rec["stats"]["candidate_forwards"] = len(verdicts)
             # strongest evidence first; keep the positives that fit in front of A
             positives.sort(key=lambda p: (-max(p["delta_h"]), p["row"]))
@@ -192,7 +193,10 @@ class Screener:
             rec["rejected_by_guard"] = rejected
             rec["candidates"] = [self.index.ids[c] for c in cands.rows]
             rec["_need"] = budget - used
-            rec["_exclude"] = sorted(excl | {p["row"] for p in kept})
+            # never a negative: a positive (kept or not: it is evidence for A), nor a passage
+            # the guard rejected (it lowered A's entropy but made the true token less likely:
+            # on the synthetic corpus, the wrong-value twin of a planted fact)
+            rec["_exclude"] = sorted(excl | {p["row"] for p in positives} | rejected_rows)
             rec["_qsel"] = np.nonzero(sel)[0].tolist()
             records.append(rec)
 

@@ -47,11 +47,16 @@ def test_planted_dependencies_recovered(
         json.loads(x)["root"]: json.loads(x)
         for x in open(os.path.join(synth_corpus, "ground_truth.jsonl"))
     }
+    rejected_total = 0
     for p in prov:
         assert p["order"][-1] == p["root"]
         assert {q["passage"] for q in p["positives"]} <= set(gtl[p["root"]]["passages"])
         assert set(p["negatives"]).isdisjoint({q["passage"] for q in p["positives"]})
+        # a passage the guard rejected for this root (a wrong-value twin) is never a negative
+        assert set(p["negatives"]).isdisjoint(p["rejected_by_guard"])
+        rejected_total += len(p["rejected_by_guard"])
         assert all(dh > cfg.screening.tau_pos for q in p["positives"] for dh in q["delta_h"])
+    assert rejected_total > 0
 
 
 def test_sequences_are_L_tokens_with_root_at_end(
@@ -225,3 +230,44 @@ def test_materialize_matches_assemble(tokenizer):
     rec = {"root": "r", "order": a.order, "head_trim": a.head_trim}
     toks = {c[0]: c[1] for c in chunks}
     assert pl.materialize(rec, root, toks.__getitem__, 100, [3]) == a.tokens
+
+
+def test_assemble_never_cuts_a_positive():
+    """Random chunk sets whose positives fit in front of A: every positive appears whole and
+    contiguous, A sits whole at the end, the length is exactly L, and only negatives are cut
+    or dropped. Chunk tokens are unique, so a cut shows as a missing token. The layouts where
+    the first negative is dropped and a positive would lead include the case the old head trim
+    cut into."""
+    from policylong.screening.assemble import assemble
+
+    seen_drop_then_positive = 0
+    for trial in range(400):
+        rng = np.random.default_rng(trial)
+        L, sep = int(rng.integers(120, 400)), [3]
+        root = list(range(10, 10 + int(rng.integers(10, 60))))
+        budget = L - len(root) - 1
+        nxt, chunks = 1000, []
+        n_pos, n_neg = int(rng.integers(1, 4)), int(rng.integers(0, 6))
+        for j in range(n_pos + n_neg):
+            n = int(rng.integers(5, 80))
+            chunks.append((f"{'bc'[j >= n_pos]}{j}", list(range(nxt, nxt + n)), j < n_pos))
+            nxt += n + 1
+        pos_len = sum(len(c[1]) + 1 for c in chunks if c[2])
+        total = sum(len(c[1]) + 1 for c in chunks)
+        if pos_len > budget or total < budget:
+            continue
+        a = assemble("r", root, chunks, L, sep, np.random.default_rng(trial + 10_000))
+        assert len(a.tokens) == L and a.tokens[-len(root) - 1 :] == root + sep
+        head = a.tokens[: L - len(root) - 1]
+        for cid, toks, pos in chunks:
+            if pos:
+                i = head.index(toks[0])
+                assert head[i : i + len(toks) + 1] == toks + sep, (trial, cid)
+                assert cid in a.order
+        if a.head_trim:
+            first = next(c for c in chunks if c[0] == a.order[0])
+            assert not first[2] and a.head_trim < len(first[1]) + 1, trial
+        dropped = [c for c in chunks if c[0] not in a.order]
+        assert all(not c[2] for c in dropped), trial
+        seen_drop_then_positive += bool(dropped) and a.head_trim > 0
+    assert seen_drop_then_positive > 10

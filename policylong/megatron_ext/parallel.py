@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 
 import megatron.core
 import torch
@@ -50,6 +51,12 @@ def check_megatron_core_version() -> bool:
     return False
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(par: ParallelConfig, seed: int = 1234, timeout_s: int = 600) -> int:
     """Initialise torch.distributed (from the torchrun environment, or a world of one) and
     megatron-core's model-parallel groups. Returns the data-parallel degree.
@@ -64,9 +71,12 @@ def init_distributed(par: ParallelConfig, seed: int = 1234, timeout_s: int = 600
         check_megatron_core_version()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        if "MASTER_PORT" not in os.environ:
+            # a world of one (torchrun always sets the port): a port the OS says is free, as
+            # two runs on one machine collided on a pid-derived one (EADDRINUSE)
+            os.environ["MASTER_PORT"] = str(_free_port())
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(

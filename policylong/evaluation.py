@@ -35,6 +35,7 @@ maximum over the (possibly TP-sharded) vocabulary; full logits are never built.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 
 from policylong import synthetic as syn
-from policylong.corpus import encode, read_documents
+from policylong.corpus import encode, eos_id, read_documents
 from policylong.kernels import fused_linear_stats
 from policylong.screening.entropy import gather_rows, root_entropies
 from policylong.synthetic import read_ground_truth
@@ -172,9 +173,21 @@ def score_probes(lm, probes: list[Probe], batch_size: int = 4) -> dict:
     top1 = (st.target_logit >= st.max_logit - 1e-6 * st.max_logit.abs().clamp_min(1.0)).cpu()
     return {
         "accuracy": float(top1.float().mean()),
+        "ci95": wilson(int(top1.sum()), int(tgt.numel())),
         "nll": float(nll.mean()),
         "n": int(tgt.numel()),
     }
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion k/n (``[0, 1]`` for n = 0): at the demo's
+    12 probes per cell a 0.67 is [0.39, 0.86], so a 0.1 difference is not resolvable there."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, mid - half), 4), round(min(1.0, mid + half), 4)]
 
 
 def build_planted_probe(
@@ -191,14 +204,15 @@ def build_planted_probe(
     its facts' defining passages (``control``: left out) and passages drawn from ``passages``
     that are none of the root's (neither its facts nor their distractors)."""
     root = encode(tok, root_text)
+    sep = [eos_id(tok)]  # every chunk closed by EOS, as training sequences are (assemble)
     own = {f[k] for f in facts for k in ("passage", "different_entity", "wrong_value")}
     pool = sorted(k for k in passages if k not in own)
-    chunks = [] if control else [encode(tok, passages[f["passage"]]) for f in facts]
+    chunks = [] if control else [encode(tok, passages[f["passage"]]) + sep for f in facts]
     budget = length - 1 - len(root) - sum(map(len, chunks))
     for i in rng.permutation(len(pool)):
         if budget <= 0:
             break
-        c = encode(tok, passages[pool[int(i)]])[:budget]
+        c = (encode(tok, passages[pool[int(i)]]) + sep)[:budget]
         chunks.append(c)
         budget -= len(c)
     order = rng.permutation(len(chunks))

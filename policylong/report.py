@@ -313,7 +313,7 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
     ax.legend(fontsize=8)
     paths.append(_save(fig, out_dir, "difficulty.png"))
 
-    # probes: accuracy per length, M_0 and each run's final model
+    # probes: accuracy per length (shaded: 95% interval), M_0 and each run's final model
     tasks = list(models["M_0"]["probes"])
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     finals = [("M_0", models["M_0"])] + [
@@ -325,7 +325,12 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
         for label, m in finals:
             per = m["probes"][task]
             xs = sorted(per, key=int)
-            ax.plot([int(x) for x in xs], [per[x]["accuracy"] for x in xs], marker="o", label=label)
+            line = ax.plot(
+                [int(x) for x in xs], [per[x]["accuracy"] for x in xs], marker="o", label=label
+            )[0]
+            if all("ci95" in per[x] for x in xs):  # 95% Wilson interval of each cell
+                lo, hi = zip(*(per[x]["ci95"] for x in xs))
+                ax.fill_between([int(x) for x in xs], lo, hi, color=line.get_color(), alpha=0.12)
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(task)

@@ -443,7 +443,11 @@ def planted_recovery(records: list[dict], gt_path: str) -> dict:
     * how many ``wrong_value`` and ``different_entity`` distractors each criterion admitted,
       over how many of them were retrieved as candidates;
     * hard negatives: of the planted ``different_entity`` distractors whose true passage was
-      recovered, the fraction that ended up among the root's hard negatives.
+      recovered, the fraction that ended up among the root's hard negatives;
+    * contradictions: written sequences holding a root fact's passage and its ``wrong_value``
+      twin (the model is then trained on a target its context makes ambiguous), how many of
+      those twins came in as admitted positives, and guard-rejected passages among the
+      root's negatives (none by construction).
     """
     gt = read_ground_truth(gt_path)
     links = tp_g = n_g = tp_e = n_e = 0
@@ -453,7 +457,7 @@ def planted_recovery(records: list[dict], gt_path: str) -> dict:
     }
     retrieved = {"wrong_value": 0, "different_entity": 0}
     hn_hit = hn_total = 0
-    roots = 0
+    roots = written = contradicted = twin_positive = rejected_neg = 0
     for r in records:
         g = gt.get(r["root"])
         if g is None:
@@ -475,12 +479,22 @@ def planted_recovery(records: list[dict], gt_path: str) -> dict:
             for pid in s:
                 if pid in kinds:
                     admitted[name][kinds[pid]] += 1
-        if r.get("status") == "ok":
+        if r.get("status", "ok") == "ok":  # provenance rows (written sequences) carry none
             negs = set(r.get("negatives", []))
             for fct in g.get("facts", []):
                 if fct["passage"] in guard:
                     hn_total += 1
                     hn_hit += fct["different_entity"] in negs
+            seq = set(r.get("order", [])[:-1])
+            twins = [
+                f["wrong_value"]
+                for f in g.get("facts", [])
+                if {f["passage"], f["wrong_value"]} <= seq
+            ]
+            written += 1
+            contradicted += bool(twins)
+            twin_positive += sum(t in guard for t in twins)
+            rejected_neg += len(negs & set(r.get("rejected_by_guard", [])))
     return {
         "roots": roots,
         "planted_links": links,
@@ -504,6 +518,11 @@ def planted_recovery(records: list[dict], gt_path: str) -> dict:
             admitted["entropy"]["different_entity"], retrieved["different_entity"]
         ),
         "hard_negative_distractor_recall": _ratio(hn_hit, hn_total),
+        "sequences": written,
+        "sequences_with_contradiction": contradicted,
+        "contradiction_rate": _ratio(contradicted, written),
+        "contradicting_twins_as_positives": twin_positive,
+        "rejected_among_negatives": rejected_neg,
     }
 
 

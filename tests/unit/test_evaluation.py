@@ -112,3 +112,38 @@ def test_heldout_loss_is_the_float64_cross_entropy(lm, tmp_path):
     assert len(ev.heldout_documents(lm.tokenizer, 5, path=str(path))) == 2
     with pytest.raises(ValueError, match="n = 0"):
         ev.heldout_documents(lm.tokenizer, 0)
+
+
+def test_planted_probe_chunks_end_with_eos_as_in_training(tokenizer, synth_corpus):
+    """Each chunk before the root is closed by EOS (as assemble closes training chunks), the
+    root follows an EOS, every target is the planted value, and the control holds no defining
+    passage."""
+    eos = tokenizer.eos_token_id
+    roots = [f"root{i:05d}" for i in range(4)]
+    probes = ev.planted_probes(tokenizer, tokenizer.bos_token_id, synth_corpus, roots, [300])
+    ps, ctrl = probes[300]
+    gt = syn.read_ground_truth(f"{synth_corpus}/ground_truth.jsonl")
+    for p, c, r in zip(ps, ctrl, roots):
+        root_len = len(p.tokens) - p.tokens[::-1].index(eos)  # index of the root's first token
+        assert p.tokens[root_len - 1] == eos and eos not in p.tokens[root_len:]
+        assert p.tokens[0] == tokenizer.bos_token_id
+        values = {tokenizer.convert_tokens_to_ids(f["value"]) for f in gt[r]["facts"]}
+        assert {t for _, t in p.targets} == values
+        assert c.tokens.count(eos) >= 1 and len(c.targets) == len(p.targets)
+
+
+def test_wilson_interval_covers_95_percent():
+    """Exact coverage of the Wilson interval, summed over the binomial distribution (float64),
+    stays near 95% for the probe counts the report uses; 8 of 12 is [0.391, 0.862]."""
+    from math import comb
+
+    assert ev.wilson(8, 12) == pytest.approx([0.3906, 0.8619], abs=1e-4)
+    assert ev.wilson(0, 0) == [0.0, 1.0]
+    for n in (12, 48, 61):
+        for p in (0.2, 0.5, 0.7):
+            cover = sum(
+                comb(n, k) * p**k * (1 - p) ** (n - k)
+                for k in range(n + 1)
+                if ev.wilson(k, n)[0] <= p <= ev.wilson(k, n)[1]
+            )
+            assert 0.90 <= cover <= 0.99, (n, p, cover)

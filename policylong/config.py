@@ -217,6 +217,16 @@ class ScreeningConfig(_Section):
     max_retrieval_depth: int = 256
     """Upper bound on any secondary retrieval depth (protects against huge fills)."""
 
+    verify_negatives: bool = False
+    """Check every negative with M_t at the positions its root's positives were verified at
+    (one forward per negative, as for a candidate) and replace it by the next one when it is
+    evidence (ΔH > ``tau_pos``: a false negative) or a contradiction (the true token's NLL
+    rises by more than ``contradiction_margin``). Provenance lists what was replaced and why."""
+
+    contradiction_margin: float = 1.0
+    """Nats by which a negative may raise the NLL of a verified position's true token before
+    ``verify_negatives`` replaces it as a contradiction."""
+
     def check(self) -> None:
         if self.screen_length < 2:
             _fail("screening.screen_length", self.screen_length, "must be >= 2")
@@ -246,6 +256,10 @@ class ScreeningConfig(_Section):
             )
         if self.max_retrieval_depth < 1:
             _fail("screening.max_retrieval_depth", self.max_retrieval_depth, "must be >= 1")
+        if self.contradiction_margin < 0:
+            _fail("screening.contradiction_margin", self.contradiction_margin, "must be >= 0")
+        if self.verify_negatives and not self.verify:
+            _fail("screening.verify_negatives", True, "needs screening.verify=true")
         if not self.verify and self.negatives in ("onpolicy", "none"):
             _fail(
                 "screening.negatives",

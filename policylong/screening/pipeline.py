@@ -52,6 +52,23 @@ ROOTS_PER_BATCH = 16
 little, large enough that embedding and FAISS calls are batched."""
 
 
+VERIFY_ROUNDS = 4
+"""Rounds of ``verify_negatives``: on the synthetic corpus a round's replacements are mostly
+clean, so later rounds check few passages."""
+
+
+def _replaced_counts(ok: list[dict]) -> dict:
+    """``negatives_replaced`` by reason, when ``verify_negatives`` ran (else nothing, so the
+    manifest keeps its keys)."""
+    if not any("replaced_negatives" in r for r in ok):
+        return {}
+    out = {"false_negative": 0, "contradiction": 0}
+    for r in ok:
+        for x in r.get("replaced_negatives", []):
+            out[x["reason"]] += 1
+    return {"negatives_replaced": out}
+
+
 class ScreeningError(ValueError):
     """Input that cannot give a stage dataset (stops before any model work)."""
 
@@ -207,7 +224,7 @@ class Screener:
         )
         off = 0
         out = []
-        for r, rec in zip(roots, records):
+        for j, (r, rec) in enumerate(zip(roots, records)):
             m = len(rec["positives"])
             need, exclude = rec.pop("_need"), set(rec.pop("_exclude"))
             qsel = rec.pop("_qsel")
@@ -219,43 +236,23 @@ class Screener:
                     exclude,
                     qv[qsel] if len(qsel) else qv[:0],
                     pos_vecs[off : off + m] if pos_vecs is not None else None,
+                    ents[j],
                 )
             )
             off += m
         return out
 
-    def _finish(self, r: Root, rec: dict, need: int, exclude: set[int], qvecs, pvecs) -> dict:
+    def _finish(self, r: Root, rec: dict, need: int, exclude: set[int], qvecs, pvecs, ent) -> dict:
         sc = self.sc
         rng = self.root_rng(r)
         if sc.verify and not rec["positives"]:
             return self._skip(rec, "no_positives")
-        depth = 0
-        if sc.negatives == "onpolicy":
-            negs, depth = onpolicy_negatives(
-                self.search,
-                pvecs,
-                exclude,
-                need,
-                self.cost,
-                self.mean_len,
-                sc.min_negatives_per_positive,
-                sc.max_retrieval_depth,
-                len(self.index),
+        negs, depth = self._negatives(rng, need, exclude, qvecs, pvecs)
+        if sc.verify_negatives and negs:
+            negs, replaced = self._verified_negatives(
+                r, rec, ent, negs, need, exclude, qvecs, pvecs
             )
-        elif sc.negatives == "nearest":
-            negs = nearest_negatives(
-                self.search,
-                qvecs,
-                exclude,
-                need,
-                self.cost,
-                sc.max_retrieval_depth,
-                len(self.index),
-            )
-        elif sc.negatives == "random":
-            negs = random_fill(rng, len(self.index), exclude, need, self.cost)
-        else:
-            negs = []
+            rec["replaced_negatives"] = replaced
         chunks = [(p["passage"], self.passage_tokens(p["row"]), True) for p in rec["positives"]]
         chunks += [(self.index.ids[n], self.passage_tokens(n), False) for n in negs]
         try:
@@ -269,6 +266,80 @@ class Screener:
         )
         rec["stats"]["depth_k"] = depth
         return rec
+
+    def _negatives(self, rng, need: int, exclude: set[int], qvecs, pvecs):
+        """Rows filling ``need`` tokens by ``screening.negatives`` (``exclude`` grows by them),
+        and the secondary-retrieval depth k (0 for the other methods)."""
+        sc = self.sc
+        if sc.negatives == "onpolicy":
+            return onpolicy_negatives(
+                self.search,
+                pvecs,
+                exclude,
+                need,
+                self.cost,
+                self.mean_len,
+                sc.min_negatives_per_positive,
+                sc.max_retrieval_depth,
+                len(self.index),
+            )
+        if sc.negatives == "nearest":
+            negs = nearest_negatives(
+                self.search,
+                qvecs,
+                exclude,
+                need,
+                self.cost,
+                sc.max_retrieval_depth,
+                len(self.index),
+            )
+            return negs, 0
+        if sc.negatives == "random":
+            return random_fill(rng, len(self.index), exclude, need, self.cost), 0
+        return [], 0
+
+    def _verified_negatives(self, r: Root, rec, ent, negs, need, exclude, qvecs, pvecs):
+        """``screening.verify_negatives``: M_t scores each negative at the positives' verified
+        positions, as verification scores a candidate; a false negative or a contradiction is
+        replaced by the next negative of the same method, for at most ``VERIFY_ROUNDS``
+        rounds (a replacement is checked too). Returns (negatives, [{passage, reason}])."""
+        sc = self.sc
+        h0, nll0 = ent
+        pos = torch.tensor(sorted({i for p in rec["positives"] for i in p["positions"]}))
+        replaced, rng = [], np.random.default_rng([self.cfg.seed, self.cfg.stage, 7, len(negs)])
+        fresh = list(negs)
+        for _ in range(VERIFY_ROUNDS):
+            verdicts = verify_root(
+                self.lm,
+                r.tokens,
+                pos,
+                h0,
+                nll0,
+                fresh,
+                [self.passage_tokens(c) for c in fresh],
+                self.ctx_id,
+                self.sep,
+                self.pad_id,
+                self.cfg.model.batch_size,
+                sc.tau_pos,
+                sc.nll_margin,
+            )
+            bad = {}
+            for v in verdicts:  # a wrong-value twin also lowers ΔH: contradiction comes first
+                if (v.nll_drop < -sc.contradiction_margin).any():
+                    bad[v.row] = "contradiction"
+                elif v.by_entropy.any():
+                    bad[v.row] = "false_negative"
+            if not bad:
+                break
+            replaced += [{"passage": self.index.ids[c], "reason": why} for c, why in bad.items()]
+            negs = [c for c in negs if c not in bad]
+            exclude |= set(bad)
+            fresh, _ = self._negatives(rng, need - sum(map(self.cost, negs)), exclude, qvecs, pvecs)
+            negs += fresh
+            if not fresh:
+                break
+        return negs, replaced
 
     @staticmethod
     def _skip(rec: dict, reason: str) -> dict:
@@ -411,6 +482,7 @@ def aggregate_stats(records: list[dict], skipped_short: int, num_roots: int) -> 
         "positives": npos,
         "positives_all_roots": sum(len(r.get("positives", [])) for r in records),
         "rejected_by_guard": sum(len(r.get("rejected_by_guard", [])) for r in records),
+        **_replaced_counts(ok),
         "negatives": sum(len(r["negatives"]) for r in ok),
         "mean_delta_h": round(float(np.mean(dh)), 4) if dh else None,
         "mean_positives_per_sequence": round(npos / len(ok), 3) if ok else None,
@@ -560,6 +632,8 @@ def screen_stage(
             "candidates": r["candidates"],
             "high_entropy": r["high_entropy"],
         }
+        if "replaced_negatives" in r:  # only with verify_negatives: other stages keep their bytes
+            p["replaced_negatives"] = r["replaced_negatives"]
         provenance.append(p)
     seqs = (
         materialize(r, root_tok[r["root"]], ptoks, cfg.data.seq_length, screener.sep) for r in ok

@@ -271,3 +271,36 @@ def test_assemble_never_cuts_a_positive():
         assert all(not c[2] for c in dropped), trial
         seen_drop_then_positive += bool(dropped) and a.head_trim > 0
     assert seen_drop_then_positive > 10
+
+
+def test_verify_negatives_replaces_contradicting_twins(
+    tmp_path, make_cfg, synth_corpus, copy_model, index, embedder
+):
+    """With the copy model, a fact's wrong-value twin among the negatives makes the true value
+    less likely at the verified position: verify_negatives replaces it (reason
+    ``contradiction``), so no written sequence holds a fact and its twin (counted against the
+    planted ground truth), and provenance and the manifest say what was replaced."""
+    # two candidates per root: most twins are never verified (so never guard-rejected) and
+    # reach the sequence through the positives' secondary retrieval
+    few = {"screening.max_candidates": "2"}
+    plain = run(make_cfg(tmp_path / "a", **few), copy_model, index, embedder, str(tmp_path / "a/s"))
+    cfg = make_cfg(tmp_path / "b", **few, **{"screening.verify_negatives": "true"})
+    m = run(cfg, copy_model, index, embedder, str(tmp_path / "b" / "s"))
+    before, after = plain["stats"]["ground_truth"], m["stats"]["ground_truth"]
+    assert before["sequences_with_contradiction"] > 0, before
+    assert after["sequences_with_contradiction"] == 0, after
+    assert after["recall"] == before["recall"]
+    assert "negatives_replaced" not in plain["stats"]
+    got = m["stats"]["negatives_replaced"]
+    assert got["contradiction"] > 0
+    prov = read_provenance(str(tmp_path / "b" / "s"))
+    gtl = {
+        json.loads(x)["root"]: json.loads(x)
+        for x in open(os.path.join(synth_corpus, "ground_truth.jsonl"))
+    }
+    twins = {f["wrong_value"] for g in gtl.values() for f in g["facts"]}
+    replaced = [x for p in prov for x in p["replaced_negatives"]]
+    assert len(replaced) == sum(got.values())
+    assert any(x["passage"] in twins and x["reason"] == "contradiction" for x in replaced)
+    for p in prov:
+        assert set(p["negatives"]).isdisjoint(x["passage"] for x in p["replaced_negatives"])

@@ -57,6 +57,25 @@ VERIFY_ROUNDS = 4
 clean, so later rounds check few passages."""
 
 
+def _control_rates(records: list[dict], st: list[dict]) -> dict:
+    """Acceptance of the random-passage control beside that of the retrieved candidates (both
+    by the configured criterion); empty without a control."""
+    fwd = sum(s.get("control_forwards", 0) for s in st)
+    if not fwd:
+        return {}
+    acc = sum(s.get("control_accepted", 0) for s in st)
+    cand = sum(s.get("candidate_forwards", 0) for s in st)
+    pos = sum(len(r.get("positives", [])) for r in records) + sum(
+        s.get("positives_dropped_for_length", 0) for s in st
+    )
+    return {
+        "control_forwards": fwd,
+        "control_accepted": acc,
+        "control_acceptance_rate": round(acc / fwd, 4),
+        "candidate_acceptance_rate": round(pos / cand, 4) if cand else None,
+    }
+
+
 def _replaced_counts(ok: list[dict]) -> dict:
     """``negatives_replaced`` by reason, when ``verify_negatives`` ran (else nothing, so the
     manifest keeps its keys)."""
@@ -130,7 +149,9 @@ class Screener:
             self.lm, [r.tokens for r in roots], self.ctx_id, self.pad_id, self.cfg.model.batch_size
         )
         positions = [
-            select_positions(h, sc.position_mode, sc.percentile, sc.sigma, sc.max_positions)
+            select_positions(
+                h, sc.position_mode, sc.percentile, sc.sigma, sc.max_positions, sc.min_context
+            )
             for h, _ in ents
         ]
         frags, owner = [], []
@@ -196,6 +217,25 @@ class Screener:
                         rejected.append(self.index.ids[v.row])
                         rejected_rows.add(v.row)
                 rec["stats"]["candidate_forwards"] = len(verdicts)
+                if sc.control_passages:
+                    ctrl = self._control_rows(r, excl | set(cands.rows))
+                    cv = verify_root(
+                        self.lm,
+                        r.tokens,
+                        pos,
+                        h0,
+                        nll0,
+                        ctrl,
+                        [self.passage_tokens(c) for c in ctrl],
+                        self.ctx_id,
+                        self.sep,
+                        self.pad_id,
+                        self.cfg.model.batch_size,
+                        sc.tau_pos,
+                        sc.nll_margin,
+                    )
+                    rec["stats"]["control_forwards"] = len(cv)
+                    rec["stats"]["control_accepted"] = sum(v.positive(sc.nll_guard) for v in cv)
             # strongest evidence first; keep the positives that fit in front of A
             positives.sort(key=lambda p: (-max(p["delta_h"]), p["row"]))
             budget = self.L - len(r.tokens) - len(self.sep)
@@ -266,6 +306,21 @@ class Screener:
         )
         rec["stats"]["depth_k"] = depth
         return rec
+
+    def _control_rows(self, r: Root, exclude: set[int]) -> list[int]:
+        """``screening.control_passages`` random passages that are neither the root's own nor
+        its candidates, from a stream of their own (the root's draws are unchanged); drawn by
+        rejection, so a 10^8-passage index is never permuted."""
+        n, want = len(self.index), self.sc.control_passages
+        rng = np.random.default_rng([self.cfg.seed, self.cfg.stage, r.index, 0xC0])
+        out: list[int] = []
+        for _ in range(64):
+            if len(out) >= want:
+                break
+            for c in rng.integers(0, n, size=2 * want).tolist():
+                if c not in exclude and c not in out and len(out) < want:
+                    out.append(c)
+        return out
 
     def _negatives(self, rng, need: int, exclude: set[int], qvecs, pvecs):
         """Rows filling ``need`` tokens by ``screening.negatives`` (``exclude`` grows by them),
@@ -479,6 +534,7 @@ def aggregate_stats(records: list[dict], skipped_short: int, num_roots: int) -> 
         "positions_examined": sum(s["positions"] for s in st),
         "candidates_retrieved": sum(s["candidates"] for s in st),
         "candidate_forwards": sum(s.get("candidate_forwards", 0) for s in st),
+        **_control_rates(records, st),
         "positives": npos,
         "positives_all_roots": sum(len(r.get("positives", [])) for r in records),
         "rejected_by_guard": sum(len(r.get("rejected_by_guard", [])) for r in records),

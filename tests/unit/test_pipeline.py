@@ -39,6 +39,11 @@ def test_planted_dependencies_recovered(
     # a different entity's value is copied on ("is", "a") / ("is", "number"): the entropy
     # drops, the NLL of the true value does not
     assert gt["admitted_with_guard"]["different_entity"] == 0
+    # the random-passage control, verified at the same positions by the same criterion, is
+    # (almost) never accepted: the false-positive rate where no ground truth exists
+    st = m["stats"]
+    assert st["control_forwards"] == cfg.screening.control_passages * st["roots_screened"]
+    assert st["control_acceptance_rate"] < st["candidate_acceptance_rate"] / 4, st
 
     man = verify_stage_dataset(out)
     prov = read_provenance(out)

@@ -48,3 +48,24 @@ def test_max_positions_keeps_the_highest():
 def test_unknown_mode():
     with pytest.raises(ValueError, match="position_mode"):
         select_positions(torch.ones(3), "median")
+
+
+def test_min_context_excludes_the_head_and_ranks_the_rest():
+    """A document whose head carries the highest entropy (no context yet): with min_context m
+    no position below m is chosen, and the choice equals numpy's over positions m.. alone, in
+    both modes."""
+    rng = np.random.default_rng(3)
+    x = rng.random(300)
+    x[:20] += 5.0  # title / header: high entropy only for want of context
+    h = torch.tensor(x)
+    assert set(select_positions(h, "percentile", 5.0, max_positions=1000).tolist()) & set(range(20))
+    for m in (20, 32, 299):
+        got = select_positions(h, "percentile", 5.0, max_positions=1000, min_context=m)
+        k = math.ceil((300 - m) * 5.0 / 100)
+        want = m + np.sort(np.argsort(-x[m:], kind="stable")[:k])
+        assert got.tolist() == want.tolist(), m
+        tail = x[m:]
+        got = select_positions(h, "sigma", sigma=1.0, max_positions=1000, min_context=m)
+        want = m + np.nonzero(tail > tail.mean() + tail.std())[0]
+        assert got.tolist() == want.tolist(), m
+    assert select_positions(h, "percentile", 5.0, min_context=300).numel() == 0

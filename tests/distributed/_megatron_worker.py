@@ -47,12 +47,16 @@ def case_exact(a) -> None:
         V = int(cfg["vocab_size"])
         tokens = torch.randint(0, V, (2, 29), generator=g)
         logits = M.forward_logits(model, tokens)
+        # the LanguageModel / align path: decoder output after the final norm, no head
+        hidden = M.forward_only(model, tokens, hidden_only=True)
         entry = {}
         if logits is not None:
             hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
             with torch.no_grad():
                 ref = hf(tokens).logits
+                ref_h = hf.base_model(input_ids=tokens).last_hidden_state
             entry["max_abs_diff"] = float((logits[..., :V] - ref).abs().max())
+            entry["hidden_max_abs_diff"] = float((hidden.transpose(0, 1) - ref_h).abs().max())
             entry["pad_columns"] = int(logits.shape[-1] - V)
         out = os.path.join(a.export_dir, name)
         M.export_hf(model, cfg, M.ModelOptions(), out, hf_dir)

@@ -67,6 +67,10 @@ def main() -> None:
         hf = AutoModelForCausalLM.from_pretrained(a.hf, dtype=torch.float32).eval()
         with torch.no_grad():
             ref = hf(ids).logits[0]
+        # fp32 noise floor: HF's own eager attention vs its SDPA attention on the same weights
+        hf.set_attn_implementation("eager")
+        with torch.no_grad():
+            eager = hf(ids).logits[0]
         diff = (got - ref).abs()
         tgt = ids[0, 1:]
 
@@ -79,6 +83,7 @@ def main() -> None:
             "max_abs_diff": float(diff.max()),
             "max_abs_logit": float(ref.abs().max()),
             "max_rel_diff": float(diff.max() / ref.abs().max()),
+            "hf_eager_vs_sdpa_max_abs_diff": float((eager - ref).abs().max()),
             "argmax_agree": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
             "nll_megatron": nll(got),
             "nll_hf": nll(ref),

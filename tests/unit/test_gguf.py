@@ -23,6 +23,9 @@ def test_bad_gguf_input_is_refused_naming_it(tmp_path, caplog):
             gguf_to_hf(str(fake), str(tmp_path / "a"))
         with pytest.raises(FileNotFoundError, match="missing.gguf: no such GGUF file"):
             gguf_to_hf(str(tmp_path / "missing.gguf"), str(tmp_path / "b"))
+    else:  # CI installs neither: the message says what to install
+        with pytest.raises(RuntimeError, match="needs the packages .*pip install"):
+            gguf_to_hf(str(fake), str(tmp_path / "a"))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(FileExistsError, match="full: already exists"):

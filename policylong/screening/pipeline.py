@@ -68,6 +68,10 @@ class Screener:
     """Screens batches of roots with one model against one index."""
 
     def __init__(self, cfg: Config, lm, index, embedder, tokenizer=None):
+        if embedder is not None:
+            why = check_embedder(index.meta, embedder, cfg.retrieval.index_dir)
+            if why:
+                raise ScreeningError(why)
         self.cfg = cfg
         self.sc = cfg.screening
         self.lm = lm
@@ -80,10 +84,6 @@ class Screener:
         self.sep = [self.eos] if cfg.data.separator == "eos" else []
         self.L = cfg.data.seq_length
         self._ptok: dict[int, list[int]] = {}
-        if embedder is not None:
-            why = check_embedder(index.meta, embedder, cfg.retrieval.index_dir)
-            if why:
-                raise ScreeningError(why)
         rng = np.random.default_rng(0)
         sample = rng.choice(len(index), size=min(256, len(index)), replace=False)
         self.mean_len = float(np.mean([len(self.passage_tokens(int(r))) for r in sample]))

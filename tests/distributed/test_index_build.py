@@ -25,7 +25,7 @@ def _cmd(wd: str, index_dir: str, nproc: int) -> list[str]:
     sets = [
         f"retrieval.index_dir={index_dir}",
         "retrieval.shard_size=32",
-        "retrieval.index_factory=IVF8,PQ16x4",
+        "retrieval.index_factory=IVF8,PQ16x4np",
         "retrieval.nprobe=8",
     ]
     args = ["index", "--workdir", wd, *[x for s in sets for x in ("--set", s)]]

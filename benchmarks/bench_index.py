@@ -156,6 +156,7 @@ def child_screen(n: int, wd: str, a) -> dict:
     ids = [index.ids[int(r)] for r in rows]
     assert all(index.row[i] == int(r) for i, r in zip(ids, rows))
     fetch_ms = (time.time() - t0) / 4000 * 1e3
+    opened = MemSampler.now()  # open + fetch: what must stay flat in the corpus size
     t0 = time.time()
     _, got = index.search(queries, 10)
     search_ms = (time.time() - t0) / len(queries) * 1e3
@@ -182,8 +183,12 @@ def child_screen(n: int, wd: str, a) -> dict:
         "search_ms": round(search_ms, 2),
         "fetched_chars": nchars,
         "screen_base_rss_mb": round(base["rss"], 1),
-        "screen_delta_rss_mb": round(after["rss"] - base["rss"], 1),
-        "screen_delta_anon_mb": round(after["anon"] - base["anon"], 1),
+        "open_fetch_rss_mb": round(opened["rss"], 1),
+        "open_fetch_delta_rss_mb": round(opened["rss"] - base["rss"], 1),
+        "open_fetch_delta_anon_mb": round(opened["anon"] - base["anon"], 1),
+        # searching maps the probed inverted lists: file pages, nprobe/nlist of the lists
+        "after_search_delta_rss_mb": round(after["rss"] - base["rss"], 1),
+        "after_search_delta_anon_mb": round(after["anon"] - base["anon"], 1),
         "screen_peak_delta_rss_mb": round(peak["rss"] - base["rss"], 1),
         "recall_at_10": round(recall, 3),
         "recall_1_at_10": round(recall1, 3),

@@ -16,6 +16,7 @@ Index folders of earlier versions hold ``passages.jsonl`` (one ``{"id", "text"}`
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
@@ -120,10 +121,20 @@ def _repeated(pid: str, a: int, b: int, shard_rows: int | None) -> None:
 # -- reading -----------------------------------------------------------------------------------
 
 
-def _open_table(path: str) -> pa.Table:
+def _open_table(path: str, random_access: bool = False) -> pa.Table:
+    """The Arrow file at ``path`` as a table over a read-only memory map (zero-copy).
+
+    ``random_access``: ``madvise(MADV_RANDOM)`` on the map, so a passage fetched by row faults
+    in its own pages and not the kernel's readahead window around them (up to 128 KB a fetch:
+    resident pages would track the number of fetches times the window, not the passages)."""
     try:
-        return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()  # zero-copy over the map
-    except (OSError, pa.ArrowInvalid) as e:
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if random_access and hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_RANDOM)
+        # the buffer keeps the map alive as long as any column sliced from it
+        return pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mm))).read_all()
+    except (OSError, ValueError, pa.ArrowInvalid) as e:
         raise StoreError(f"{path}: unreadable passage store ({e})") from e
 
 
@@ -209,12 +220,13 @@ class PassageStore:
         return cls(ids, texts, {pid: i for i, pid in enumerate(ids)})
 
 
-def open_store(index_dir: str) -> PassageStore:
-    """The store of ``index_dir``: memory-mapped Arrow files, or a legacy ``passages.jsonl``."""
+def open_store(index_dir: str, random_access: bool = True) -> PassageStore:
+    """The store of ``index_dir``: memory-mapped Arrow files, or a legacy ``passages.jsonl``.
+    ``random_access``: reads by row (screening); False for reading shards in order (builds)."""
     store = os.path.join(index_dir, STORE)
     if os.path.isfile(store):
-        table = _open_table(store)
-        lk = _open_table(os.path.join(index_dir, LOOKUP))
+        table = _open_table(store, random_access)
+        lk = _open_table(os.path.join(index_dir, LOOKUP), random_access)
         if lk.num_rows != table.num_rows:
             raise StoreError(
                 f"{index_dir}: {LOOKUP} has {lk.num_rows} rows but {STORE} {table.num_rows}"

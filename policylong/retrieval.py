@@ -735,7 +735,7 @@ def build_index(
 
 def _build_in_memory(cfg: Config, work: str, out: str, embedder) -> None:
     """Corpora up to ``shard_size`` in one process: ``PassageIndex.build`` over the store."""
-    store = open_store(work)
+    store = open_store(work, random_access=False)
     r = cfg.retrieval
     index = PassageIndex.build(
         list(store.ids),
@@ -888,7 +888,7 @@ class ShardedBuild:
             a, b = self.rows(s)
             # the store is opened per shard: its mapped pages are let go after each shard, so
             # the resident memory of a rank does not grow with the corpus
-            texts = open_store(self.work).texts[a:b]
+            texts = open_store(self.work, random_access=False).texts[a:b]
             vecs = np.ascontiguousarray(self.embedder.encode(texts), np.float32)
             self._write_with_sidecar(
                 self.emb_path(s), lambda p, v=vecs: _save_npy(p, v), self._emb_info(s)

@@ -2,8 +2,10 @@
 
 Screening reads a passage by row (``store.texts[row]``) or finds the row of an id
 (``store.row[pid]``) without loading the store: both files are Arrow IPC (Feather v2) files,
-uncompressed, opened with ``pyarrow.memory_map``, so only the pages touched are read and the
-resident memory of an open store does not grow with the corpus (benchmarks/INDEX.md).
+uncompressed, opened over a read-only memory map (pyarrow reads the schema and the batches'
+metadata; columns are zero-copy views). A single row is read with ``os.pread`` at its Arrow
+buffers' file offsets, so the resident memory of an open store grows neither with the corpus
+nor with the fetches (benchmarks/INDEX.md); whole shards are read through the map (builds).
 
     passages.arrow      columns id, text (string); row i = vector i of the FAISS index
     passages.ids.arrow  columns id (sorted bytewise), row (uint64): the id -> row lookup,

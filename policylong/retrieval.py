@@ -42,7 +42,6 @@ from .config import Config
 from .corpus import CorpusError, chunk_document, iter_documents, load_tokenizer
 from .datasets import sha256_file
 from .passage_store import (
-    LEGACY,
     LOOKUP,
     STORE,
     PassageStore,
@@ -1044,17 +1043,3 @@ def _side_path(path: str) -> str:
 def _save_npy(path: str, vecs: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, vecs)
-
-
-__all__ = [
-    "LEGACY",
-    "Embedder",
-    "HashEmbedder",
-    "IndexError_",
-    "PassageIndex",
-    "build_index",
-    "check_embedder",
-    "embedder_identity",
-    "open_embedder",
-    "open_index",
-]

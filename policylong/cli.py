@@ -3,7 +3,7 @@
     policylong demo [--workdir DIR]                 corpus -> index -> PolicyLong vs EntropyLong
                                                     (3 stages each) -> report, on CPU
     policylong synth --out DIR [--roots N]          synthetic corpus with planted dependencies
-    policylong index --config C [--set k=v ...]     FAISS index over the retrieval corpus
+    policylong index --config C [--overwrite]       FAISS index over the retrieval corpus
     policylong screen --config C --model DIR --out DIR
                                                     one stage dataset screened with a model
                                                     (HF folder, or Megatron checkpoint CKPT[@N])
@@ -95,7 +95,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_index(args) -> int:
-    build_index(_config(args))
+    build_index(_config(args), overwrite=args.overwrite)
     return 0
 
 
@@ -291,8 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("index", help="build the FAISS passage index")
+    p = sub.add_parser(
+        "index",
+        help="build the FAISS passage index (sharded and resumable under torchrun)",
+    )
     _add_config_args(p)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing index in retrieval.index_dir (once the new one is complete)",
+    )
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("screen", help="screen root documents with a model into a stage dataset")

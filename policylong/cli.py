@@ -34,6 +34,7 @@ synth, eval and pretrain-base take only their own flags. docs/cli.md lists every
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from policylong.align.loop import run_align
 from policylong.basemodel import build_base_model
 from policylong.config import load_config
 from policylong.demo import run_demo
+from policylong.errors import ConfigError, PolicyLongError
 from policylong.evaluation import TASKS, evaluate, plot
 from policylong.lm import load_language_model
 from policylong.logs import setup_logging
@@ -59,6 +61,29 @@ from policylong.stages import run_stages, screen_once
 from policylong.synthetic import generate_corpus
 
 log = logging.getLogger("policylong")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (a length, a count of roots, steps or probes)."""
+    v = _int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be an integer > 0")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    """argparse type: an integer >= 0 (a seed, a stage index, an iteration)."""
+    v = _int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be an integer >= 0")
+    return v
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not an integer") from None
 
 
 def _config(args):
@@ -233,9 +258,7 @@ def cmd_report(args) -> int:
             if os.path.isfile(os.path.join(runs, p, "loop.json"))
         )
         if not presets:
-            raise FileNotFoundError(
-                f"{runs}: no loop run (no runs/*/loop.json); run `policylong run`"
-            )
+            raise ConfigError(f"{runs}: no loop run (no runs/*/loop.json); run `policylong run`")
     rep = loop_report(cfg, presets, args.lengths, n_niah=args.n)
     print(json.dumps(summarize_report(rep), indent=2))
     log.info("wrote %s", ", ".join(rep["plots"]))
@@ -265,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument(
         "--roots",
-        type=int,
+        type=positive_int,
         default=None,
         help="synthetic root documents (default: stages x roots_per_stage + 24 held out)",
     )
@@ -274,14 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="per-stage report of loop runs: JSON + PNG plots")
     _add_config_args(p)
     p.add_argument("--presets", nargs="+", help="runs to report (default: every runs/*/loop.json)")
-    p.add_argument("--lengths", nargs="+", type=int, default=[256, 512, 1024], help="probe lengths")
-    p.add_argument("--n", type=int, default=12, help="probes per NIAH task and length")
+    p.add_argument(
+        "--lengths", nargs="+", type=positive_int, default=[256, 512, 1024], help="probe lengths"
+    )
+    p.add_argument("--n", type=positive_int, default=12, help="probes per NIAH task and length")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("synth", help="write a synthetic corpus with planted dependencies")
     p.add_argument("--out", required=True, help="output folder (docs/passages/ground_truth)")
-    p.add_argument("--roots", type=int, default=60)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--roots", type=positive_int, default=60, help="root documents")
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("index", help="build the FAISS passage index")
@@ -292,15 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--model", help="local HF model directory (or 'embedded')")
     p.add_argument("--out", help="stage folder to write (default WORKDIR/runs/screen/stage_T)")
-    p.add_argument("--stage", type=int, help="stage index t")
+    p.add_argument("--stage", type=nonneg_int, help="stage index t")
     p.add_argument("--overwrite", action="store_true", help="replace an existing stage folder")
     p.set_defaults(func=cmd_screen)
 
     p = sub.add_parser("pretrain-base", help="rebuild the embedded tiny base model")
     p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--phase1-steps", type=int, default=600)
-    p.add_argument("--phase2-steps", type=int, default=2000)
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--phase1-steps", type=positive_int, default=600)
+    p.add_argument("--phase2-steps", type=positive_int, default=2000)
     p.set_defaults(func=cmd_pretrain_base)
 
     p = sub.add_parser("train", help="one Megatron-Core training stage on stage datasets")
@@ -318,16 +343,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the config, data and start checkpoint and print the parallel layout; "
         "no process group, no step (how to check a CP > 1 layout without GPUs)",
     )
-    p.add_argument("--world-size", type=int, help="with --dry-run: the world size to plan for")
+    p.add_argument(
+        "--world-size", type=positive_int, help="with --dry-run: the world size to plan for"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="the on-policy stage loop: T × (screen with M_t, train)")
     _add_config_args(p)
-    p.add_argument("--stages", type=int, help="T (= --set loop.stages=T)")
-    p.add_argument("--tokens-per-stage", type=int, help="training tokens per stage")
-    p.add_argument("--roots-per-stage", type=int, help="root documents screened per stage")
-    p.add_argument("--seq-length", type=int, help="target length L (= data.seq_length)")
-    p.add_argument("--screen-length", type=int, help="tokens of each root screened")
+    p.add_argument("--stages", type=positive_int, help="T (= --set loop.stages=T)")
+    p.add_argument("--tokens-per-stage", type=positive_int, help="training tokens per stage")
+    p.add_argument("--roots-per-stage", type=positive_int, help="root documents screened per stage")
+    p.add_argument("--seq-length", type=positive_int, help="target length L (= data.seq_length)")
+    p.add_argument("--screen-length", type=positive_int, help="tokens of each root screened")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -338,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--from", dest="start", help="start policy: HF folder or checkpoint (= model.path)"
     )
     p.add_argument("--teacher", help="teacher: HF folder or Megatron checkpoint (= align.teacher)")
-    p.add_argument("--steps", type=int, help="rollout batches (= align.steps)")
+    p.add_argument("--steps", type=positive_int, help="rollout batches (= align.steps)")
     p.add_argument("--name", help="run name, WORKDIR/align/NAME/ (= align.preset)")
     p.set_defaults(func=cmd_align)
 
@@ -348,19 +375,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--model", nargs="+", required=True, help="HF folders or checkpoints (CKPT@N)")
     p.add_argument("--tasks", default="lookup", help="task families, comma-separated")
-    p.add_argument("--lengths", type=int, nargs="+", default=[256, 512])
-    p.add_argument("--n", type=int, default=32, help="prompts per family and length")
-    p.add_argument("--seed", type=int, default=777, help="seed of the evaluation prompts")
-    p.add_argument("--max-new", type=int, default=16, help="longest greedy response")
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[256, 512])
+    p.add_argument("--n", type=positive_int, default=32, help="prompts per family and length")
+    p.add_argument("--seed", type=nonneg_int, default=777, help="seed of the evaluation prompts")
+    p.add_argument("--max-new", type=positive_int, default=16, help="longest greedy response")
     p.add_argument("--out", required=True, help="folder for tasks_eval.json and .png")
     p.set_defaults(func=cmd_eval_tasks)
 
     p = sub.add_parser("eval", help="synthetic long-context probes (NIAH) at several lengths")
     p.add_argument("--model", default="embedded", help="HF folder or 'embedded'")
-    p.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024])
-    p.add_argument("--n", type=int, default=20, help="probes per task and length")
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[128, 512, 1024])
+    p.add_argument("--n", type=positive_int, default=20, help="probes per task and length")
     p.add_argument("--tasks", nargs="+", help="subset of the tasks (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", required=True, help="folder for eval.json and eval.png")
@@ -376,22 +403,74 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--ckpt", required=True, help="PolicyLong Megatron checkpoint folder")
     p.add_argument("--hf-out", required=True, help="HF folder to write")
-    p.add_argument("--iteration", type=int, help="iteration to export (default: the latest)")
+    p.add_argument("--iteration", type=nonneg_int, help="iteration to export (default: the latest)")
     p.set_defaults(func=cmd_export)
     return ap
 
 
+_SAVED_ON_INTERRUPT = {
+    "screen": "screened batches are kept in OUT.partial/; rerun the same command to resume",
+    "run": "finished stages, screened batches and saved checkpoints are kept under "
+    "WORKDIR/runs/PRESET/; rerun the same command to resume",
+    "train": "checkpoints saved so far (train.save_interval) are kept in --to; rerun the same "
+    "command to resume from the last one",
+    "align": "steps saved so far are kept in WORKDIR/align/NAME/ckpt; rerun the same command to "
+    "resume",
+    "demo": "finished parts are kept in the workdir; rerun the same command to resume",
+}
+"""What ``Ctrl-C`` leaves behind, per command; commands not listed write their outputs beside
+and swap them in when complete, so an interrupted one left nothing and a rerun starts over."""
+
+_USER_OS_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    NotADirectoryError,
+    IsADirectoryError,
+)
+_USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+"""Disk full, read-only file system, quota exceeded: the user's to fix, named by path."""
+
+
+def user_message(e: BaseException) -> str | None:
+    """The one-line message of a user-facing failure, None for any other exception (a bug, CUDA
+    out of memory, an NCCL error: those keep their traceback)."""
+    if isinstance(e, PolicyLongError):
+        return str(e)
+    if isinstance(e, OSError) and (isinstance(e, _USER_OS_ERRORS) or e.errno in _USER_ERRNOS):
+        if e.filename is None:
+            return str(e)
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
+        return f"{where}: {e.strerror or e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. User-facing failures (``PolicyLongError``, a missing or unwritable
+    path, a full disk) print one line and return 2 (``-v``: with the traceback); anything else
+    propagates with its traceback; Ctrl-C prints what was kept and returns 130. The process
+    group, when one was started, is torn down on every path."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        log.error("%s", e)
+    except KeyboardInterrupt:
+        saved = _SAVED_ON_INTERRUPT.get(
+            args.cmd, "nothing partial was kept; rerun the same command to start over"
+        )
+        log.error("interrupted: %s", saved)
+        return 130
+    except Exception as e:
+        msg = user_message(e)
+        if msg is None:
+            raise
+        if args.verbose:
+            log.exception("%s", msg)
+        else:
+            log.error("%s", msg)
         return 2
     finally:
-        if args.cmd in ("train", "convert", "export", "run", "align", "eval-tasks"):
-            _teardown()
+        _teardown()
 
 
 def reference_markdown() -> str:

@@ -24,10 +24,12 @@ import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+from policylong.errors import OutputError, PolicyLongError
+
 UINT16_MAX_VOCAB = 65_500
 
 
-class StageDatasetError(ValueError):
+class StageDatasetError(PolicyLongError, ValueError):
     """A stage folder whose files do not match its manifest."""
 
 
@@ -106,7 +108,7 @@ def write_stage_dataset(
 def commit(work_dir: str, final_dir: str) -> None:
     """Rename the completed ``.partial`` folder to its final name (atomic on one filesystem)."""
     if os.path.exists(final_dir):
-        raise FileExistsError(f"{final_dir} already exists")
+        raise OutputError(f"{final_dir} already exists")
     _fsync_dir(work_dir)
     os.replace(work_dir, final_dir)
     _fsync_dir(os.path.dirname(os.path.abspath(final_dir)))

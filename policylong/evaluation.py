@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from policylong import synthetic as syn
-from policylong.corpus import encode, read_documents
+from policylong.corpus import CorpusError, encode, read_documents
+from policylong.errors import ConfigError
 from policylong.kernels import fused_linear_stats
 from policylong.screening.entropy import gather_rows
 from policylong.synthetic import read_ground_truth
@@ -85,7 +86,7 @@ def build_probe(
     """One probe of about ``length`` tokens. With ``control`` the needles are replaced by
     filler of the same length (the queries stay)."""
     if task not in TASKS:
-        raise ValueError(f"evaluation task {task!r}: one of {TASKS}")
+        raise ConfigError(f"evaluation task {task!r}: one of {TASKS}")
     attrs = list(syn.ATTRIBUTES)
     if task == "variable_tracking":
         idx = rng.choice(len(lang.entities), size=VT_HOPS + 1, replace=False)
@@ -227,7 +228,7 @@ def planted_probes(
     }
     missing = [r for r in root_ids if r not in gt or r not in docs]
     if missing:
-        raise ValueError(f"{corpus_dir}: no root document / ground truth for {missing[:5]}")
+        raise CorpusError(f"{corpus_dir}: no root document / ground truth for {missing[:5]}")
     out = {}
     for length in lengths:
 

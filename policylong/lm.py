@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from .corpus import context_token_id, eos_id, load_tokenizer
+from .errors import ConfigError, InputNotFoundError
 from .paths import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def pick_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"model.device = {spec!r} but CUDA is not available on this machine")
+        raise ConfigError(f"model.device = {spec!r} but CUDA is not available on this machine")
     return torch.device(spec)
 
 
@@ -72,7 +73,7 @@ class HFLanguageModel:
         self.path = resolve_model_path(path)
         cfg_file = os.path.join(self.path, "config.json")
         if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"{self.path}: not a Hugging Face model directory (no config.json)"
             )
         self.device = pick_device(device)
@@ -82,7 +83,7 @@ class HFLanguageModel:
                 self.path, dtype=self.dtype, local_files_only=True
             )
         except Exception as e:
-            raise FileNotFoundError(f"{self.path}: cannot load the model ({e})") from e
+            raise InputNotFoundError(f"{self.path}: cannot load the model ({e})") from e
         self.model = model.to(self.device).eval()
         self.tokenizer = load_tokenizer(self.path)
         with open(cfg_file) as f:

@@ -27,12 +27,13 @@ from tqdm import tqdm
 from .config import Config
 from .corpus import chunk_document, load_tokenizer, read_documents
 from .datasets import sha256_file
+from .errors import PolicyLongError
 from .paths import resolve_model_path
 
 log = logging.getLogger(__name__)
 
 
-class IndexError_(RuntimeError):
+class IndexError_(PolicyLongError, RuntimeError):
     """A passage index on disk that is missing, incomplete or corrupt."""
 
 

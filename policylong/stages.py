@@ -41,6 +41,7 @@ from megatron.core import parallel_state as ps
 from policylong.config import Config, dump_config, load_config
 from policylong.corpus import read_documents
 from policylong.datasets import load_manifest
+from policylong.errors import ConfigError, PolicyLongError
 from policylong.lm import load_language_model
 from policylong.logs import die_if, faults, setup_logging
 from policylong.megatron_ext.checkpointing import (
@@ -136,7 +137,7 @@ def check_loop(cfg: Config, world: int = 1) -> int:
     per stage. Raises ValueError naming the field."""
     cfg.parallel.data_parallel(world)  # a layout that does not divide the world
     if cfg.parallel.context_parallel > 1:
-        raise ValueError(
+        raise ConfigError(
             f"parallel.context_parallel = {cfg.parallel.context_parallel}: in-loop screening "
             "runs the model on whole root documents, which CP > 1 splits over ranks; run "
             "the loop with context_parallel = 1 or screen each stage with `policylong screen`"
@@ -146,7 +147,7 @@ def check_loop(cfg: Config, world: int = 1) -> int:
     avail = n - cfg.data.root_offset
     R = cfg.loop.roots_per_stage or avail // T
     if R < 1 or T * R > avail:
-        raise ValueError(
+        raise ConfigError(
             f"{cfg.path(cfg.corpus.docs)}: {n} documents, data.root_offset = "
             f"{cfg.data.root_offset}: too few root documents for loop.stages = {T} disjoint "
             f"sets of loop.roots_per_stage = {R or cfg.loop.roots_per_stage} "
@@ -154,7 +155,7 @@ def check_loop(cfg: Config, world: int = 1) -> int:
         )
     per_step = cfg.train.global_batch_size * cfg.data.seq_length
     if 0 < cfg.loop.tokens_per_stage < per_step:
-        raise ValueError(
+        raise ConfigError(
             f"loop.tokens_per_stage = {cfg.loop.tokens_per_stage} is less than one optimizer "
             f"step (train.global_batch_size × data.seq_length = {per_step} tokens)"
         )
@@ -291,12 +292,12 @@ def run_stages(cfg: Config) -> list[dict]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     R = check_loop(cfg, world)
     if cfg.loop.overlap and world > 1:
-        raise ValueError(
+        raise ConfigError(
             f"loop.overlap = true with WORLD_SIZE = {world}: overlapped screening runs as one "
             "extra process beside a one-process loop; turn it off for torchrun runs"
         )
     if cfg.loop.overlap and cfg.train.save_interval <= 0:
-        raise ValueError(
+        raise ConfigError(
             "loop.overlap = true needs train.save_interval > 0 (stage t+1 is screened with a "
             "checkpoint that stage t saves before its end)"
         )
@@ -324,7 +325,7 @@ def run_stages(cfg: Config) -> list[dict]:
         if pending is not None and pending[0] == t:
             rc = pending[1].wait()
             if rc != 0:
-                raise RuntimeError(
+                raise PolicyLongError(
                     f"overlapped screening of stage {t} failed (exit {rc}); see {pending[2]}"
                 )
             pending = None

@@ -36,6 +36,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from policylong.config import AlignConfig, Config
 from policylong.corpus import eos_id, load_tokenizer
+from policylong.errors import ModelError
 from policylong.kernels import fused_linear_policy
 from policylong.logs import MetricsLog, die_if, truncate_jsonl
 from policylong.megatron_ext.checkpointing import (
@@ -378,7 +379,7 @@ def train_on(cfg: Config, ddp, model, opt, sched, batch: Batch, rows: list[int],
     )
     ok, grad_norm, _ = opt.step()
     if not ok:
-        raise RuntimeError("align: optimizer step skipped (inf/nan gradients)")
+        raise ModelError("align: optimizer step skipped (inf/nan gradients)")
     sched.step(increment=cfg.train.global_batch_size)
     tot = {k: sum(s[k] for s in ctx["sums"]) for k in ctx["sums"][0]} if ctx["sums"] else {}
     return tot, (float(grad_norm) if grad_norm is not None else None)

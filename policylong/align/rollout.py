@@ -19,6 +19,7 @@ from megatron.core import parallel_state as ps
 
 from policylong.config import AlignConfig, Config
 from policylong.corpus import context_token_id, encode, eos_id, load_tokenizer
+from policylong.errors import PolicyLongError
 from policylong.kernels import fused_linear_policy
 from policylong.megatron_ext.checkpointing import (
     TrainError,
@@ -34,7 +35,7 @@ from policylong.tasks import TaskRecord, family, reward
 from .objective import rollout_advantages
 
 
-class AlignError(ValueError):
+class AlignError(PolicyLongError, ValueError):
     """``policylong align`` cannot start: bad task file, teacher, start checkpoint or
     setting. Raised before any model work; the CLI prints it as one line."""
 

@@ -46,6 +46,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from policylong.errors import InputNotFoundError, ModelError, PolicyLongError
+
 from .attention import SDPAttention
 
 SUPPORTED = ("qwen2", "llama", "mistral")
@@ -62,7 +64,7 @@ TOKENIZER_FILES = (
 )
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(PolicyLongError, ValueError):
     """A checkpoint's tensors do not fit the model built from the config."""
 
 
@@ -88,17 +90,17 @@ class ModelOptions:
 
     def __post_init__(self):
         if self.rotary_base is not None and not self.rotary_base > 0:
-            raise ValueError(f"model.rotary_base = {self.rotary_base}: must be > 0")
+            raise ModelError(f"model.rotary_base = {self.rotary_base}: must be > 0")
         if self.rope_scaling_factor is not None and not self.rope_scaling_factor >= 1.0:
-            raise ValueError(
+            raise ModelError(
                 f"model.rope_scaling_factor = {self.rope_scaling_factor}: must be >= 1"
             )
         if self.params_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(
+            raise ModelError(
                 f"model.params_dtype = {self.params_dtype!r}: float32, bfloat16 or float16"
             )
         if self.spec not in ("auto", "local", "sdpa", "te"):
-            raise ValueError(f"model.spec = {self.spec!r}: auto, local, sdpa or te")
+            raise ModelError(f"model.spec = {self.spec!r}: auto, local, sdpa or te")
 
 
 # -- HF config ---------------------------------------------------------------------------------
@@ -108,14 +110,14 @@ def read_hf_config(hf_dir: str) -> dict:
     """config.json of a HF checkpoint folder, checked for the supported family."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{hf_dir}: no config.json (not a Hugging Face model folder)")
+        raise InputNotFoundError(f"{hf_dir}: no config.json (not a Hugging Face model folder)")
     with open(path) as f:
         cfg = json.load(f)
     mt = cfg.get("model_type")
     if mt not in SUPPORTED:
-        raise ValueError(f"{path}: model_type {mt!r} is not supported (one of {SUPPORTED})")
+        raise ModelError(f"{path}: model_type {mt!r} is not supported (one of {SUPPORTED})")
     if cfg.get("use_sliding_window"):
-        raise ValueError(f"{path}: use_sliding_window = true is not supported")
+        raise ModelError(f"{path}: use_sliding_window = true is not supported")
     return cfg
 
 
@@ -129,7 +131,7 @@ def _rope(cfg: dict) -> tuple[float, float | None]:
         return float(theta), None
     if kind == "linear":
         return float(theta), float(rp.get("factor", rs.get("factor")))
-    raise ValueError(
+    raise ModelError(
         f"config.json: rope type {kind!r} is not supported (default or linear); "
         "set model.rope_scaling_factor / model.rotary_base instead"
     )
@@ -155,19 +157,19 @@ def transformer_config(cfg: dict, opts: ModelOptions, tp: int = 1, pp: int = 1, 
     """A megatron-core ``TransformerConfig`` equal in function to the HF config."""
 
     if cfg.get("mlp_bias"):
-        raise ValueError("config.json: mlp_bias = true is not supported")
+        raise ModelError("config.json: mlp_bias = true is not supported")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
-        raise ValueError(f"config.json: hidden_act {act!r} is not supported (silu)")
+        raise ModelError(f"config.json: hidden_act {act!r} is not supported (silu)")
     n_layers = int(cfg["num_hidden_layers"])
     if n_layers % pp != 0:
-        raise ValueError(
+        raise ModelError(
             f"num_hidden_layers = {n_layers} is not divisible by parallel.pipeline_parallel = {pp}"
         )
     heads = int(cfg["num_attention_heads"])
     groups = int(cfg.get("num_key_value_heads") or heads)
     if groups % tp != 0:
-        raise ValueError(
+        raise ModelError(
             f"num_key_value_heads = {groups} is not divisible by parallel.tensor_parallel = {tp}"
         )
     cuda = torch.cuda.is_available()
@@ -229,7 +231,7 @@ def _layer_spec(opts: ModelOptions, cp: int = 1):
     if spec == "te":
         return specs.get_gpt_layer_with_transformer_engine_spec()
     if cp > 1:
-        raise ValueError(
+        raise ModelError(
             f"parallel.context_parallel = {cp} needs the Transformer Engine layer spec "
             "(train.layer_spec=te, on CUDA with transformer_engine installed)"
         )
@@ -289,7 +291,7 @@ class HFWeights:
             files = ["model.safetensors"]
             wm = None
         else:
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"{hf_dir}: no model.safetensors or model.safetensors.index.json"
             )
         self._handles = {fn: safe_open(os.path.join(hf_dir, fn), "pt") for fn in files}

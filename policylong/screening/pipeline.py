@@ -36,6 +36,7 @@ from tqdm import tqdm
 from policylong.config import Config
 from policylong.corpus import Document, context_token_id, encode, eos_id, read_documents
 from policylong.datasets import commit, load_manifest, write_stage_dataset
+from policylong.errors import PolicyLongError
 from policylong.synthetic import planted_recovery
 
 from .assemble import CannotFill, assemble
@@ -52,7 +53,7 @@ ROOTS_PER_BATCH = 16
 little, large enough that embedding and FAISS calls are batched."""
 
 
-class ScreeningError(ValueError):
+class ScreeningError(PolicyLongError, ValueError):
     """Input that cannot give a stage dataset (stops before any model work)."""
 
 

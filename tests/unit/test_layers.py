@@ -23,6 +23,7 @@ LAYERS = [
         "policylong.config",
         "policylong.corpus",
         "policylong.datasets",
+        "policylong.errors",
         "policylong.paths",
         "policylong.logs",
         "policylong.synthetic",

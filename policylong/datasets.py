@@ -45,6 +45,19 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def sha256_path(path: str) -> str:
+    """sha256 of a file, or of a folder's files (relative name and content, in name order)."""
+    if not os.path.isdir(path):
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for n in sorted(files):
+            full = os.path.join(root, n)
+            h.update(f"{os.path.relpath(full, path)}\0{sha256_file(full)}\n".encode())
+    return h.hexdigest()
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

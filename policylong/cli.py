@@ -34,10 +34,12 @@ synth, eval and pretrain-base take only their own flags. docs/cli.md lists every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
 import os
+import shutil
 import sys
 
 import torch.distributed as dist
@@ -47,7 +49,7 @@ from policylong.align.loop import run_align
 from policylong.basemodel import build_base_model
 from policylong.config import load_config
 from policylong.demo import run_demo
-from policylong.errors import ConfigError, PolicyLongError
+from policylong.errors import ConfigError, OutputError, PolicyLongError
 from policylong.evaluation import TASKS, evaluate, plot
 from policylong.lm import load_language_model
 from policylong.logs import setup_logging
@@ -55,6 +57,7 @@ from policylong.megatron_ext.convert import convert_hf, export_checkpoint
 from policylong.megatron_ext.parallel import destroy_distributed
 from policylong.megatron_ext.plan import plan_stage
 from policylong.megatron_ext.train import train_stage
+from policylong.outputs import check_output, check_writable, output_lock, swap_in
 from policylong.report import loop_report, summarize_report
 from policylong.retrieval import build_index
 from policylong.stages import run_stages, screen_once
@@ -113,7 +116,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_synth(args) -> int:
-    counts = generate_corpus(args.out, num_roots=args.roots, seed=args.seed)
+    check_output(args.out, "corpus", overwrite=args.overwrite)
+    with output_lock(args.out):
+        work = args.out.rstrip("/") + ".partial"
+        if os.path.isdir(work):  # left by a killed synth: ours, and cheap to redo
+            shutil.rmtree(work)
+        counts = generate_corpus(work, num_roots=args.roots, seed=args.seed)
+        swap_in(work, args.out)
     log.info("synthetic corpus in %s: %s", args.out, counts)
     return 0
 
@@ -157,6 +166,7 @@ def cmd_demo(args) -> int:
     overrides = list(args.set or [])
     if args.workdir:
         overrides.append(f"workdir={args.workdir}")
+        _check_workdir(args.workdir)
     summary = run_demo(args.config, overrides, roots=args.roots)
     print(json.dumps(summary, indent=2))
     return 0
@@ -164,25 +174,31 @@ def cmd_demo(args) -> int:
 
 def cmd_train(args) -> int:
     cfg = _config(args)
+    check_output(args.to, "checkpoint", resume=True)  # an existing checkpoint resumes
     if args.dry_run:
         plan = plan_stage(cfg, args.stage_dir, getattr(args, "from"), args.to, args.world_size)
         print(json.dumps(plan.summary(), indent=2))
         return 0
-    res = train_stage(cfg, args.stage_dir, getattr(args, "from"), args.to)
+    with output_lock(args.to) if _is_rank0() else contextlib.nullcontext():
+        res = train_stage(cfg, args.stage_dir, getattr(args, "from"), args.to)
     if _is_rank0():
         log.info("stage trained: %s", json.dumps(res))
     return 0
 
 
 def cmd_convert(args) -> int:
-    path = convert_hf(_config(args), args.hf, args.out)
+    cfg = _config(args)
+    check_output(args.out, "checkpoint", resume=True)  # convert names an existing checkpoint
+    path = convert_hf(cfg, args.hf, args.out)
     if _is_rank0():
         log.info("wrote %s", path)
     return 0
 
 
 def cmd_export(args) -> int:
-    path = export_checkpoint(_config(args), args.ckpt, args.hf_out, args.iteration)
+    cfg = _config(args)
+    check_output(args.hf_out, "hf", resume=True)
+    path = export_checkpoint(cfg, args.ckpt, args.hf_out, args.iteration)
     if _is_rank0():
         log.info("wrote %s", path)
     return 0
@@ -198,7 +214,10 @@ def cmd_run(args) -> int:
     }
     args.set = list(args.set or []) + [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
     cfg = _config(args)
-    res = run_stages(cfg)
+    _check_workdir(cfg.workdir)
+    root = os.path.join(cfg.workdir, "runs", cfg.loop.preset)
+    with output_lock(root) if _is_rank0() else contextlib.nullcontext():
+        res = run_stages(cfg)
     print(json.dumps([{k: v for k, v in r.items() if k != "stats"} for r in res], indent=2))
     return 0
 
@@ -219,6 +238,7 @@ def cmd_align(args) -> int:
 
 def cmd_eval_tasks(args) -> int:
     cfg = _config(args)
+    check_output(args.out, "tasks_eval", resume=True)  # rewritten as a whole
     res = evaluate_tasks(
         cfg, args.model, args.tasks.split(","), args.lengths, args.n, args.seed, args.max_new
     )
@@ -231,6 +251,7 @@ def cmd_eval_tasks(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    check_output(args.out, "eval", resume=True)  # rewritten as a whole
     lm = load_language_model(args.model, device=args.device, dtype=args.dtype)
     tasks = tuple(args.tasks or TASKS)
     res = evaluate(lm, args.lengths, n=args.n, tasks=tasks, seed=args.seed)
@@ -249,6 +270,8 @@ def cmd_eval(args) -> int:
 
 def cmd_report(args) -> int:
     cfg = _config(args)
+    _check_workdir(cfg.workdir)
+    check_output(os.path.join(cfg.workdir, "report"), "report", resume=True)
     presets = args.presets
     if not presets:
         runs = os.path.join(cfg.workdir, "runs")
@@ -263,6 +286,13 @@ def cmd_report(args) -> int:
     print(json.dumps(summarize_report(rep), indent=2))
     log.info("wrote %s", ", ".join(rep["plots"]))
     return 0
+
+
+def _check_workdir(workdir: str) -> None:
+    """The run directory is a folder (or can be made one) that this user can write."""
+    if os.path.lexists(workdir) and not os.path.isdir(workdir):
+        raise OutputError(f"{workdir}: the workdir is a file, not a folder")
+    check_writable(workdir)
 
 
 def _teardown() -> None:
@@ -307,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (docs/passages/ground_truth)")
     p.add_argument("--roots", type=positive_int, default=60, help="root documents")
     p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a synthetic corpus already in --out (swapped in when the new one is "
+        "complete)",
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("index", help="build the FAISS passage index")

@@ -34,6 +34,13 @@ KINDS = {
 }
 """Kind -> (what it is called in messages, the files that make a folder that kind)."""
 
+_LEFTOVERS = {
+    "checkpoint": lambda n: n in ("hf", "policylong.json.tmp", "metrics.jsonl", "tensorboard")
+    or n.startswith("iter_"),
+}
+"""Kind -> the names a run of its command killed before its marker file leaves behind (a
+training run killed while writing ``policylong.json``): such a folder is still its own."""
+
 
 def kind_of(path: str) -> str | None:
     """The kind of output folder ``path`` holds, or None (not a folder, empty, or foreign)."""
@@ -42,6 +49,9 @@ def kind_of(path: str) -> str | None:
     names = set(os.listdir(path))
     for kind, (_, files) in KINDS.items():
         if all(f in names for f in files):
+            return kind
+    for kind, mine in _LEFTOVERS.items():
+        if names and all(mine(n) for n in names):
             return kind
     return None
 

@@ -35,8 +35,9 @@ KINDS = {
 """Kind -> (what it is called in messages, the files that make a folder that kind)."""
 
 _LEFTOVERS = {
-    "checkpoint": lambda n: n in ("hf", "policylong.json.tmp", "metrics.jsonl", "tensorboard")
-    or n.startswith("iter_"),
+    "checkpoint": lambda n: (
+        n in ("hf", "policylong.json.tmp", "metrics.jsonl", "tensorboard") or n.startswith("iter_")
+    ),
 }
 """Kind -> the names a run of its command killed before its marker file leaves behind (a
 training run killed while writing ``policylong.json``): such a folder is still its own."""

@@ -24,6 +24,7 @@ LAYERS = [
         "policylong.corpus",
         "policylong.datasets",
         "policylong.errors",
+        "policylong.outputs",
         "policylong.paths",
         "policylong.logs",
         "policylong.synthetic",

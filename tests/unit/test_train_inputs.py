@@ -261,3 +261,20 @@ def test_stage_plan_of_a_run_to_resume(stage, tmp_path, monkeypatch):
     assert p.resume_from_step == 2 and p.world_size == 1
     assert p.model_options.rotary_base == 5e4
     assert p.summary()["model_options"]["rotary_base"] == 5e4
+
+
+def test_nan_weights_refused_before_training():
+    """Model sanity before a training stage: NaN or inf anywhere in the weights is a
+    ModelError naming the source; finite weights pass."""
+    import torch
+
+    from policylong.errors import ModelError
+    from policylong.megatron_ext.train import check_finite_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    check_finite_weights(model, "ok")
+    for bad in (float("nan"), float("inf")):
+        with torch.no_grad():
+            model[1].bias[1] = bad
+        with pytest.raises(ModelError, match="ckpt_3: the model's weights hold NaN/inf"):
+            check_finite_weights(model, "ckpt_3")

@@ -311,3 +311,29 @@ def test_one_writer_per_output_folder(tmp_path, caplog):
         assert main(["run", "--workdir", str(tmp_path), "--config", "policylong"]) == 2
         assert f"policylong: another process (pid {os.getpid()}) is writing it" in caplog.text
     assert os.listdir(tmp_path / "runs") == []
+
+
+def test_stage_lock_waits_and_leaves_no_file(tmp_path):
+    """The loop's per-stage lock: a second screener waits for the first (it may find the stage
+    done), and no ``stage_N.lock`` stays beside a finished stage."""
+    import threading
+
+    from policylong.stages import _stage_lock
+
+    stage = str(tmp_path / "stage_0")
+    order = []
+    with _stage_lock(stage):
+        assert os.path.isfile(stage + ".lock")
+
+        def second():
+            with _stage_lock(stage):
+                order.append("second")
+
+        th = threading.Thread(target=second)
+        th.start()
+        th.join(0.5)
+        assert th.is_alive()  # waiting on the first holder
+        order.append("first")
+    th.join(10)
+    assert order == ["first", "second"]
+    assert os.listdir(tmp_path) == []

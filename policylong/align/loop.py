@@ -56,6 +56,7 @@ from policylong.megatron_ext.model import build_gpt_model, output_weight
 from policylong.megatron_ext.optim import build_optimizer, wrap_ddp, wrap_float16
 from policylong.megatron_ext.parallel import barrier, init_distributed, is_rank0
 from policylong.megatron_ext.step import broadcast_from_writer, is_metrics_writer
+from policylong.megatron_ext.train import check_finite_weights
 from policylong.paths import split_source
 from policylong.tasks import TaskError, generate_tasks, read_tasks, tasks_jsonl, write_tasks
 
@@ -458,6 +459,7 @@ def run_align(cfg: Config) -> dict:
     if resume is None:
         path, it = split_source(cfg.model.path)
         load_start_weights(model, path, hf_cfg, it)
+        check_finite_weights(model, f"model.path = {cfg.model.path}")
     ref = Scorer(cfg, cfg.model.path, "reference", window) if a.ref_coef > 0 else None
 
     tcfg = replace(
@@ -472,6 +474,7 @@ def run_align(cfg: Config) -> dict:
     start = 0
     if resume is not None:
         start = int(load_checkpoint(ckpt, model, opt, sched)["iteration"])
+        check_finite_weights(model, ckpt)
         log.info("resumed %s at step %d", ckpt, start)
     else:
         write_meta(

@@ -29,6 +29,7 @@ from policylong.megatron_ext.checkpointing import (
 )
 from policylong.megatron_ext.generate import Samples, hidden_rows, sample
 from policylong.megatron_ext.model import build_gpt_model, output_weight
+from policylong.megatron_ext.train import check_finite_weights
 from policylong.paths import split_source
 from policylong.tasks import TaskRecord, family, reward
 
@@ -95,6 +96,7 @@ class Scorer:
             self.hf_cfg, model_options(cfg, path), max_seq_length=max_seq_length
         )
         load_start_weights(self.model, path, self.hf_cfg, it)
+        check_finite_weights(self.model, f"align.{role}: {src}")
         if self.model.config.bf16:  # what Float16Module does to the policy: every parameter
             self.model.bfloat16()  # (the local spec makes its norm weights float32)
         self.model.eval()

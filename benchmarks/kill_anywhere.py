@@ -66,7 +66,8 @@ def chain(w: str, roots: int = 24) -> list[tuple[str, list[str], str | None]]:
         ("index", ["index", *base], f"{w}/index/meta.json"),
         (
             "screen",
-            ["screen", *base, "--model", "embedded", "--out", f"{w}/screen_0"],
+            ["screen", *base, *_sets(["data.num_roots=8"]), "--model", "embedded"]
+            + ["--out", f"{w}/screen_0"],
             f"{w}/screen_0/manifest.json",
         ),
         (

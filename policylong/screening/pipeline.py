@@ -547,26 +547,32 @@ def screen_stage(
     chash = cfg.hash()
     state_path = os.path.join(partial, "state.json")
     state = resume_key(cfg, index, model_id or model_desc, len(roots))
+    changed = []
+    if os.path.isdir(partial):  # every rank decides, from the same files, before any change
+        try:
+            with open(state_path) as f:
+                old = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            old = None
+        changed = changed_inputs(old, state)
+        # no key and no finished batch (killed before the key was written, or after the
+        # progress was merged): nothing to mix, start over
+        nothing_done = old is None and not _read_all_progress(partial)
+        if changed and not (overwrite or nothing_done):
+            raise ResumeError(
+                f"{partial}: left by a run from other inputs ({'; '.join(changed)} "
+                "changed); resuming would mix old and new batches. Remove that folder (or "
+                "pass --overwrite to `policylong screen`) to screen this stage anew"
+            )
+    sh.barrier()  # every rank has read the partial folder as it was
     if sh.leader:
-        if os.path.isdir(partial):
-            try:
-                with open(state_path) as f:
-                    old = json.load(f)
-            except (OSError, json.JSONDecodeError):
-                old = None
-            changed = changed_inputs(old, state)
-            if changed and not overwrite:
-                raise ResumeError(
-                    f"{partial}: left by a run from other inputs ({'; '.join(changed)} "
-                    "changed); resuming would mix old and new batches. Remove that folder (or "
-                    "pass --overwrite to `policylong screen`) to screen this stage anew"
-                )
-            if changed:
-                log.warning("%s: %s changed; starting over", partial, "; ".join(changed))
-                shutil.rmtree(partial)
+        if changed:
+            log.warning("%s: %s; starting over", partial, "; ".join(changed))
+            shutil.rmtree(partial)
         os.makedirs(partial, exist_ok=True)
-        with open(state_path, "w") as f:
+        with open(state_path + ".tmp", "w") as f:
             json.dump(state, f)
+        os.replace(state_path + ".tmp", state_path)
     sh.barrier()  # the partial folder is ready
     done = _read_all_progress(partial)
     sh.barrier()  # everyone agrees on what is done before anyone appends

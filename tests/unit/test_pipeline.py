@@ -225,6 +225,13 @@ def test_resume_refused_when_an_input_changed(
     with pytest.raises(ResumeError, match=r"\(the corpus \(.*docs.jsonl\) changed\)"):
         resume()
     assert _tree_hash(out + ".partial") == partial and not os.path.exists(out)
+    os.remove(os.path.join(out + ".partial", "state.json"))  # batches of unknown inputs
+    with pytest.raises(ResumeError, match=r"\(the resume key \(state.json is missing"):
+        resume()
+    for n in os.listdir(out + ".partial"):  # no key and no batch: nothing to mix
+        os.remove(os.path.join(out + ".partial", n))
+    resume()
+    assert os.path.isfile(os.path.join(out, "manifest.json"))
 
 
 def test_model_with_nan_weights_is_refused_before_screening(

@@ -38,9 +38,11 @@ _LEFTOVERS = {
     "checkpoint": lambda n: (
         n in ("hf", "policylong.json.tmp", "metrics.jsonl", "tensorboard") or n.startswith("iter_")
     ),
+    "report": lambda n: n == "report.json.tmp" or n.endswith(".png"),
 }
 """Kind -> the names a run of its command killed before its marker file leaves behind (a
-training run killed while writing ``policylong.json``): such a folder is still its own."""
+training run killed while writing ``policylong.json``, a report killed before its JSON): such
+a folder is still its own."""
 
 
 def kind_of(path: str) -> str | None:

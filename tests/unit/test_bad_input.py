@@ -337,3 +337,25 @@ def test_stage_lock_waits_and_leaves_no_file(tmp_path):
     th.join(10)
     assert order == ["first", "second"]
     assert os.listdir(tmp_path) == []
+
+
+def test_output_kinds_and_what_a_killed_run_leaves(tmp_path):
+    """A kind is recognised by the files its command writes; what a run killed before its
+    marker file leaves (a checkpoint's hf/ and policylong.json.tmp) is still its own; one
+    foreign file makes the folder foreign, named in the message."""
+    from policylong.errors import OutputError
+    from policylong.outputs import check_output, kind_of
+
+    ck = tmp_path / "ck"
+    (ck / "hf").mkdir(parents=True)
+    (ck / "policylong.json.tmp").write_text("{")
+    assert kind_of(str(ck)) == "checkpoint"
+    assert check_output(str(ck), "checkpoint", resume=True) is True
+    (ck / "notes.txt").write_text("mine")
+    assert kind_of(str(ck)) is None
+    with pytest.raises(OutputError, match=r"holds other files \(hf/, notes.txt, policylong.js"):
+        check_output(str(ck), "checkpoint", resume=True)
+    (tmp_path / "empty").mkdir()
+    assert check_output(str(tmp_path / "empty"), "stage") is False
+    assert check_output(str(tmp_path / "new" / "deeper"), "stage") is False
+    assert sorted(os.listdir(tmp_path)) == ["ck", "empty"]  # checking creates nothing

@@ -25,9 +25,9 @@ import torch
 from tqdm import tqdm
 
 from .config import Config
-from .corpus import chunk_document, load_tokenizer, read_documents
+from .corpus import CorpusError, chunk_document, load_tokenizer, read_documents
 from .datasets import sha256_file
-from .errors import PolicyLongError
+from .errors import ConfigError, PolicyLongError, SetupError
 from .paths import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _maybe_gpu(index, use_gpu: str):
     ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if ngpu == 0:
         if use_gpu == "yes":
-            raise RuntimeError(
+            raise SetupError(
                 "retrieval.use_gpu = yes but faiss has no GPU support here "
                 "(install faiss-gpu on a CUDA machine)"
             )
@@ -127,15 +127,15 @@ class PassageIndex:
         seed: int = 0,
     ) -> PassageIndex:
         if len(ids) == 0:
-            raise ValueError("cannot build a passage index from zero passages")
+            raise CorpusError("cannot build a passage index from zero passages")
         if len(set(ids)) != len(ids):
-            raise ValueError("passage ids must be unique")
+            raise CorpusError("passage ids must be unique")
         log.info("embedding %d passages with %s", len(ids), embedder.name)
         emb = embedder.encode(texts, progress=True)
         try:
             index = faiss.index_factory(emb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
         except Exception as e:
-            raise ValueError(
+            raise ConfigError(
                 f"retrieval.index_factory = {factory!r}: FAISS rejected it ({e})"
             ) from e
         if not index.is_trained:

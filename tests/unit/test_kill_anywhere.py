@@ -27,6 +27,6 @@ def test_synth_killed_anywhere_reruns_to_the_same_bytes(tmp_path):
     assert res["files"] == 3  # docs, passages, ground truth
     assert [p["diff"] for p in res["points"]] == [[]] * 4, res
     assert res["all_identical"]
-    assert sum(p["step"] == "synth" for p in res["points"]) >= 2  # kills landed inside synth
+    assert sum(p["killed"] == "synth" for p in res["points"]) >= 2  # kills landed inside synth
     assert sorted(os.listdir(tmp_path)) == ["ref"]  # each point's workdir is removed
     assert sorted(os.listdir(tmp_path / "ref")) == ["corpus"]  # no corpus.partial / .lock

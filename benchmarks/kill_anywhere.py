@@ -28,6 +28,11 @@ Measured on the 2-core CPU machine, shared (load average 12-19):
   output files identical (corpus, index, screened stage, both loop stages, the .distcp shards
   of both trained checkpoints).
 
+- the full chain, ``--points 4 --seed 3`` (reference: synth 0.7 s, index 46.7, screen 91.0,
+  train 40.0, run 148.2): kills inside screen (+29.9 s) and run (+11.7 s) and two that came
+  after their command had finished (index +27.2 s, run +83.3 s: the load fell); all 18 output
+  files identical.
+
 The 20-point full run (about 20 x 1.5 chains, 2-3 h on this machine) has not been run.
 
 ``tests/unit/test_kill_anywhere.py`` runs the same code on the first command at 4 points

@@ -35,9 +35,12 @@ synth, eval and pretrain-base take only their own flags. docs/cli.md lists every
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
+import shutil
 import sys
 
 import torch.distributed as dist
@@ -47,6 +50,7 @@ from policylong.align.loop import run_align
 from policylong.basemodel import build_base_model
 from policylong.config import load_config
 from policylong.demo import run_demo
+from policylong.errors import ConfigError, OutputError, PolicyLongError
 from policylong.evaluation import TASKS, evaluate, plot
 from policylong.lm import gguf_to_hf, load_language_model
 from policylong.logs import setup_logging
@@ -54,12 +58,36 @@ from policylong.megatron_ext.convert import convert_hf, export_checkpoint
 from policylong.megatron_ext.parallel import destroy_distributed
 from policylong.megatron_ext.plan import plan_stage
 from policylong.megatron_ext.train import train_stage
+from policylong.outputs import check_output, check_writable, output_lock, swap_in
 from policylong.report import loop_report, summarize_report
 from policylong.retrieval import build_index
 from policylong.stages import run_stages, screen_once
 from policylong.synthetic import generate_corpus
 
 log = logging.getLogger("policylong")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (a length, a count of roots, steps or probes)."""
+    v = _int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be an integer > 0")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    """argparse type: an integer >= 0 (a seed, a stage index, an iteration)."""
+    v = _int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be an integer >= 0")
+    return v
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not an integer") from None
 
 
 def _config(args):
@@ -89,7 +117,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_synth(args) -> int:
-    counts = generate_corpus(args.out, num_roots=args.roots, seed=args.seed)
+    check_output(args.out, "corpus", overwrite=args.overwrite)
+    with output_lock(args.out):
+        work = args.out.rstrip("/") + ".partial"
+        if os.path.isdir(work):  # left by a killed synth: ours, and cheap to redo
+            shutil.rmtree(work)
+        counts = generate_corpus(work, num_roots=args.roots, seed=args.seed)
+        swap_in(work, args.out)
     log.info("synthetic corpus in %s: %s", args.out, counts)
     return 0
 
@@ -133,6 +167,7 @@ def cmd_demo(args) -> int:
     overrides = list(args.set or [])
     if args.workdir:
         overrides.append(f"workdir={args.workdir}")
+        _check_workdir(args.workdir)
     summary = run_demo(args.config, overrides, roots=args.roots)
     print(json.dumps(summary, indent=2))
     return 0
@@ -140,25 +175,31 @@ def cmd_demo(args) -> int:
 
 def cmd_train(args) -> int:
     cfg = _config(args)
+    check_output(args.to, "checkpoint", resume=True)  # an existing checkpoint resumes
     if args.dry_run:
         plan = plan_stage(cfg, args.stage_dir, getattr(args, "from"), args.to, args.world_size)
         print(json.dumps(plan.summary(), indent=2))
         return 0
-    res = train_stage(cfg, args.stage_dir, getattr(args, "from"), args.to)
+    with output_lock(args.to) if _is_rank0() else contextlib.nullcontext():
+        res = train_stage(cfg, args.stage_dir, getattr(args, "from"), args.to)
     if _is_rank0():
         log.info("stage trained: %s", json.dumps(res))
     return 0
 
 
 def cmd_convert(args) -> int:
-    path = convert_hf(_config(args), args.hf, args.out)
+    cfg = _config(args)
+    check_output(args.out, "checkpoint", resume=True)  # convert names an existing checkpoint
+    path = convert_hf(cfg, args.hf, args.out)
     if _is_rank0():
         log.info("wrote %s", path)
     return 0
 
 
 def cmd_export(args) -> int:
-    path = export_checkpoint(_config(args), args.ckpt, args.hf_out, args.iteration)
+    cfg = _config(args)
+    check_output(args.hf_out, "hf", resume=True)
+    path = export_checkpoint(cfg, args.ckpt, args.hf_out, args.iteration)
     if _is_rank0():
         log.info("wrote %s", path)
     return 0
@@ -179,7 +220,10 @@ def cmd_run(args) -> int:
     }
     args.set = list(args.set or []) + [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
     cfg = _config(args)
-    res = run_stages(cfg)
+    _check_workdir(cfg.workdir)
+    root = os.path.join(cfg.workdir, "runs", cfg.loop.preset)
+    with output_lock(root) if _is_rank0() else contextlib.nullcontext():
+        res = run_stages(cfg)
     print(json.dumps([{k: v for k, v in r.items() if k != "stats"} for r in res], indent=2))
     return 0
 
@@ -200,6 +244,7 @@ def cmd_align(args) -> int:
 
 def cmd_eval_tasks(args) -> int:
     cfg = _config(args)
+    check_output(args.out, "tasks_eval", resume=True)  # rewritten as a whole
     res = evaluate_tasks(
         cfg, args.model, args.tasks.split(","), args.lengths, args.n, args.seed, args.max_new,
         args.retention_n, args.retention_length, args.heldout,
@@ -213,6 +258,7 @@ def cmd_eval_tasks(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    check_output(args.out, "eval", resume=True)  # rewritten as a whole
     lm = load_language_model(args.model, device=args.device, dtype=args.dtype)
     tasks = tuple(args.tasks or TASKS)
     res = evaluate(lm, args.lengths, n=args.n, tasks=tasks, seed=args.seed)
@@ -231,6 +277,8 @@ def cmd_eval(args) -> int:
 
 def cmd_report(args) -> int:
     cfg = _config(args)
+    _check_workdir(cfg.workdir)
+    check_output(os.path.join(cfg.workdir, "report"), "report", resume=True)
     presets = args.presets
     if not presets:
         runs = os.path.join(cfg.workdir, "runs")
@@ -240,13 +288,18 @@ def cmd_report(args) -> int:
             if os.path.isfile(os.path.join(runs, p, "loop.json"))
         )
         if not presets:
-            raise FileNotFoundError(
-                f"{runs}: no loop run (no runs/*/loop.json); run `policylong run`"
-            )
+            raise ConfigError(f"{runs}: no loop run (no runs/*/loop.json); run `policylong run`")
     rep = loop_report(cfg, presets, args.lengths, n_niah=args.n)
     print(json.dumps(summarize_report(rep), indent=2))
     log.info("wrote %s", ", ".join(rep["plots"]))
     return 0
+
+
+def _check_workdir(workdir: str) -> None:
+    """The run directory is a folder (or can be made one) that this user can write."""
+    if os.path.lexists(workdir) and not os.path.isdir(workdir):
+        raise OutputError(f"{workdir}: the workdir is a file, not a folder")
+    check_writable(workdir)
 
 
 def _teardown() -> None:
@@ -272,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument(
         "--roots",
-        type=int,
+        type=positive_int,
         default=None,
         help="synthetic root documents (default: stages x roots_per_stage + 24 held out)",
     )
@@ -281,14 +334,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="per-stage report of loop runs: JSON + PNG plots")
     _add_config_args(p)
     p.add_argument("--presets", nargs="+", help="runs to report (default: every runs/*/loop.json)")
-    p.add_argument("--lengths", nargs="+", type=int, default=[256, 512, 1024], help="probe lengths")
-    p.add_argument("--n", type=int, default=12, help="probes per NIAH task and length")
+    p.add_argument(
+        "--lengths", nargs="+", type=positive_int, default=[256, 512, 1024], help="probe lengths"
+    )
+    p.add_argument("--n", type=positive_int, default=12, help="probes per NIAH task and length")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("synth", help="write a synthetic corpus with planted dependencies")
     p.add_argument("--out", required=True, help="output folder (docs/passages/ground_truth)")
-    p.add_argument("--roots", type=int, default=60)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--roots", type=positive_int, default=60, help="root documents")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a synthetic corpus already in --out (swapped in when the new one is "
+        "complete)",
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser(
@@ -307,15 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--model", help="local HF model directory (or 'embedded')")
     p.add_argument("--out", help="stage folder to write (default WORKDIR/runs/screen/stage_T)")
-    p.add_argument("--stage", type=int, help="stage index t")
+    p.add_argument("--stage", type=nonneg_int, help="stage index t")
     p.add_argument("--overwrite", action="store_true", help="replace an existing stage folder")
     p.set_defaults(func=cmd_screen)
 
     p = sub.add_parser("pretrain-base", help="rebuild the embedded tiny base model")
     p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--phase1-steps", type=int, default=600)
-    p.add_argument("--phase2-steps", type=int, default=2000)
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--phase1-steps", type=positive_int, default=600)
+    p.add_argument("--phase2-steps", type=positive_int, default=2000)
     p.set_defaults(func=cmd_pretrain_base)
 
     p = sub.add_parser("train", help="one Megatron-Core training stage on stage datasets")
@@ -333,16 +394,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the config, data and start checkpoint and print the parallel layout; "
         "no process group, no step (how to check a CP > 1 layout without GPUs)",
     )
-    p.add_argument("--world-size", type=int, help="with --dry-run: the world size to plan for")
+    p.add_argument(
+        "--world-size", type=positive_int, help="with --dry-run: the world size to plan for"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="the on-policy stage loop: T × (screen with M_t, train)")
     _add_config_args(p)
-    p.add_argument("--stages", type=int, help="T (= --set loop.stages=T)")
-    p.add_argument("--tokens-per-stage", type=int, help="training tokens per stage")
-    p.add_argument("--roots-per-stage", type=int, help="root documents screened per stage")
-    p.add_argument("--seq-length", type=int, help="target length L (= data.seq_length)")
-    p.add_argument("--screen-length", type=int, help="tokens of each root screened")
+    p.add_argument("--stages", type=positive_int, help="T (= --set loop.stages=T)")
+    p.add_argument("--tokens-per-stage", type=positive_int, help="training tokens per stage")
+    p.add_argument("--roots-per-stage", type=positive_int, help="root documents screened per stage")
+    p.add_argument("--seq-length", type=positive_int, help="target length L (= data.seq_length)")
+    p.add_argument("--screen-length", type=positive_int, help="tokens of each root screened")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -353,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--from", dest="start", help="start policy: HF folder or checkpoint (= model.path)"
     )
     p.add_argument("--teacher", help="teacher: HF folder or Megatron checkpoint (= align.teacher)")
-    p.add_argument("--steps", type=int, help="rollout batches (= align.steps)")
+    p.add_argument("--steps", type=positive_int, help="rollout batches (= align.steps)")
     p.add_argument("--name", help="run name, WORKDIR/align/NAME/ (= align.preset)")
     p.set_defaults(func=cmd_align)
 
@@ -363,18 +426,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--model", nargs="+", required=True, help="HF folders or checkpoints (CKPT@N)")
     p.add_argument("--tasks", default="lookup", help="task families, comma-separated")
-    p.add_argument("--lengths", type=int, nargs="+", default=[256, 512])
-    p.add_argument("--n", type=int, default=32, help="prompts per family and length")
-    p.add_argument("--seed", type=int, default=777, help="seed of the evaluation prompts")
-    p.add_argument("--max-new", type=int, default=16, help="longest greedy response")
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[256, 512])
+    p.add_argument("--n", type=positive_int, default=32, help="prompts per family and length")
+    p.add_argument("--seed", type=nonneg_int, default=777, help="seed of the evaluation prompts")
+    p.add_argument("--max-new", type=positive_int, default=16, help="longest greedy response")
     p.add_argument(
         "--retention-n",
-        type=int,
+        type=nonneg_int,
         default=32,
         help="retention: NIAH-single probes and held-out documents per model (0: none)",
     )
     p.add_argument(
-        "--retention-length", type=int, default=128, help="retention: NIAH-single probe length"
+        "--retention-length",
+        type=positive_int,
+        default=128,
+        help="retention: NIAH-single probe length",
     )
     p.add_argument(
         "--heldout",
@@ -385,10 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="synthetic long-context probes (NIAH) at several lengths")
     p.add_argument("--model", default="embedded", help="HF folder or 'embedded'")
-    p.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024])
-    p.add_argument("--n", type=int, default=20, help="probes per task and length")
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[128, 512, 1024])
+    p.add_argument("--n", type=positive_int, default=20, help="probes per task and length")
     p.add_argument("--tasks", nargs="+", help="subset of the tasks (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", required=True, help="folder for eval.json and eval.png")
@@ -404,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--ckpt", required=True, help="PolicyLong Megatron checkpoint folder")
     p.add_argument("--hf-out", required=True, help="HF folder to write")
-    p.add_argument("--iteration", type=int, help="iteration to export (default: the latest)")
+    p.add_argument("--iteration", type=nonneg_int, help="iteration to export (default: the latest)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("gguf-to-hf", help="GGUF file -> HF folder (dequantized; a start model)")
@@ -415,17 +481,69 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+_SAVED_ON_INTERRUPT = {
+    "screen": "screened batches are kept in OUT.partial/; rerun the same command to resume",
+    "run": "finished stages, screened batches and saved checkpoints are kept under "
+    "WORKDIR/runs/PRESET/; rerun the same command to resume",
+    "train": "checkpoints saved so far (train.save_interval) are kept in --to; rerun the same "
+    "command to resume from the last one",
+    "align": "steps saved so far are kept in WORKDIR/align/NAME/ckpt; rerun the same command to "
+    "resume",
+    "demo": "finished parts are kept in the workdir; rerun the same command to resume",
+}
+"""What ``Ctrl-C`` leaves behind, per command; commands not listed write their outputs beside
+and swap them in when complete, so an interrupted one left nothing and a rerun starts over."""
+
+_USER_OS_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    NotADirectoryError,
+    IsADirectoryError,
+)
+_USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+"""Disk full, read-only file system, quota exceeded: the user's to fix, named by path."""
+
+
+def user_message(e: BaseException) -> str | None:
+    """The one-line message of a user-facing failure, None for any other exception (a bug, CUDA
+    out of memory, an NCCL error: those keep their traceback)."""
+    if isinstance(e, PolicyLongError):
+        return str(e)
+    if isinstance(e, OSError) and (isinstance(e, _USER_OS_ERRORS) or e.errno in _USER_ERRNOS):
+        if e.filename is None:
+            return str(e)
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
+        return f"{where}: {e.strerror or e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. User-facing failures (``PolicyLongError``, a missing or unwritable
+    path, a full disk) print one line and return 2 (``-v``: with the traceback); anything else
+    propagates with its traceback; Ctrl-C prints what was kept and returns 130. The process
+    group, when one was started, is torn down on every path."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        log.error("%s", e)
+    except KeyboardInterrupt:
+        saved = _SAVED_ON_INTERRUPT.get(
+            args.cmd, "nothing partial was kept; rerun the same command to start over"
+        )
+        log.error("interrupted: %s", saved)
+        return 130
+    except Exception as e:
+        msg = user_message(e)
+        if msg is None:
+            raise
+        if args.verbose:
+            log.exception("%s", msg)
+        else:
+            log.error("%s", msg)
         return 2
     finally:
-        if args.cmd in ("train", "convert", "export", "run", "align", "eval-tasks"):
-            _teardown()
+        _teardown()
 
 
 def reference_markdown() -> str:

@@ -23,6 +23,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from policylong.errors import ConfigError, InputNotFoundError
+
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "presets")
 """YAML presets shipped with the package (``--config NAME`` reads ``NAME.yaml`` from here)."""
 
@@ -31,7 +33,7 @@ NO_HASH = {"hash": False}
 
 
 def _fail(name: str, value: Any, why: str) -> None:
-    raise ValueError(f"config field '{name}' = {value!r}: {why}")
+    raise ConfigError(f"config field '{name}' = {value!r}: {why}")
 
 
 class _Section:
@@ -361,7 +363,7 @@ class ParallelConfig(_Section):
     def data_parallel(self, world_size: int) -> int:
         """DP degree for ``world_size`` ranks; a clear error when the layout does not fit."""
         if world_size % self.model_parallel != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"parallel: TP×PP×CP = {self.tensor_parallel}×{self.pipeline_parallel}×"
                 f"{self.context_parallel} = {self.model_parallel} does not divide the world "
                 f"size {world_size}"
@@ -831,7 +833,7 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
 def config_from_dict(d: dict, source: str = "<dict>") -> Config:
     """Build a validated Config; unknown keys raise ValueError naming the key and the source."""
     if not isinstance(d, dict):
-        raise ValueError(f"{source}: a config must be a mapping, got {type(d).__name__}")
+        raise ConfigError(f"{source}: a config must be a mapping, got {type(d).__name__}")
     top_defaults = Config()
     kwargs: dict[str, Any] = {}
     for key, value in d.items():
@@ -840,13 +842,13 @@ def config_from_dict(d: dict, source: str = "<dict>") -> Config:
             if value is None:
                 value = {}
             if not isinstance(value, dict):
-                raise ValueError(f"{source}: section '{key}' must be a mapping")
+                raise ConfigError(f"{source}: section '{key}' must be a mapping")
             known = {f.name: f for f in fields(cls)}
             defaults = cls()
             sub = {}
             for k, v in value.items():
                 if k not in known:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{source}: unknown config field '{key}.{k}' "
                         f"(known: {', '.join(sorted(known))})"
                     )
@@ -855,7 +857,7 @@ def config_from_dict(d: dict, source: str = "<dict>") -> Config:
         elif key in ("seed", "stage", "workdir"):
             kwargs[key] = _coerce(key, value, getattr(top_defaults, key))
         else:
-            raise ValueError(f"{source}: unknown config field '{key}'")
+            raise ConfigError(f"{source}: unknown config field '{key}'")
     return Config(**kwargs)
 
 
@@ -863,7 +865,7 @@ def apply_overrides(d: dict, overrides: list[str] | None) -> dict:
     """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested dict, in place."""
     for item in overrides or []:
         if "=" not in item:
-            raise ValueError(f"override '{item}' must look like section.field=value")
+            raise ConfigError(f"override '{item}' must look like section.field=value")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else ""
         parts = key.strip().split(".")
@@ -871,9 +873,32 @@ def apply_overrides(d: dict, overrides: list[str] | None) -> dict:
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override '{item}': '{p}' is not a section")
+                raise ConfigError(f"override '{item}': '{p}' is not a section")
         node[parts[-1]] = value
     return d
+
+
+def check_override(item: str) -> None:
+    """A ``--set`` item must name a field of ``Config`` (``section.field`` or a top-level
+    field); an unknown key is reported as the override's, not the YAML file's."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: must look like section.field=value")
+    parts = item.split("=", 1)[0].strip().split(".")
+    top = {f.name for f in fields(Config) if f.name not in _SECTIONS}
+    if len(parts) == 1 and parts[0] in top:
+        return
+    if len(parts) == 2 and parts[0] in _SECTIONS:
+        known = {f.name for f in fields(_SECTIONS[parts[0]])}
+        if parts[1] in known:
+            return
+        raise ConfigError(
+            f"--set {item!r}: unknown config field '{parts[0]}.{parts[1]}' "
+            f"(known: {', '.join(sorted(known))})"
+        )
+    raise ConfigError(
+        f"--set {item!r}: unknown config field '{'.'.join(parts)}' (sections: "
+        f"{', '.join(_SECTIONS)}; top-level fields: {', '.join(sorted(top))})"
+    )
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -897,7 +922,7 @@ def preset_path(name: str) -> str:
     shipped = os.path.join(PRESET_DIR, f"{name.removesuffix('.yaml')}.yaml")
     if os.sep not in name and os.path.isfile(shipped):
         return shipped
-    raise FileNotFoundError(
+    raise InputNotFoundError(
         f"config file not found: {name} (nor a shipped preset: {', '.join(preset_names())})"
     )
 
@@ -911,9 +936,17 @@ def load_config(path: str | list[str] | None = None, overrides: list[str] | None
     for p in paths:
         with open(preset_path(p), encoding="utf-8") as f:
             try:
-                _merge(d, yaml.safe_load(f) or {})
+                top = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
-                raise ValueError(f"{p}: not valid YAML: {e}") from e
+                raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if not isinstance(top, dict):
+            raise ConfigError(
+                f"{p}: a config file must be a mapping of sections (corpus:, screening:, ...), "
+                f"got a YAML {type(top).__name__}"
+            )
+        _merge(d, top)
+    for item in overrides or []:
+        check_override(item)
     apply_overrides(d, overrides)
     return config_from_dict(d, " + ".join(paths) if paths else "<defaults>")
 

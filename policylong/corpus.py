@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
+from policylong.errors import InputNotFoundError, PolicyLongError
+
 log = logging.getLogger(__name__)
 
 
-class CorpusError(ValueError):
+class CorpusError(PolicyLongError, ValueError):
     """A corpus file that cannot be read as documents."""
 
 
@@ -155,7 +157,7 @@ def load_tokenizer(model_dir: str):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"{model_dir}: model directory not found")
+        raise InputNotFoundError(f"{model_dir}: model directory not found")
     cfg_path = os.path.join(model_dir, "tokenizer_config.json")
     cfg = {}
     if os.path.isfile(cfg_path):
@@ -164,7 +166,7 @@ def load_tokenizer(model_dir: str):
     if cfg.get("tokenizer_class") == "PreTrainedTokenizerFast":
         tk_file = os.path.join(model_dir, "tokenizer.json")
         if not os.path.isfile(tk_file):
-            raise FileNotFoundError(f"{tk_file}: declared by tokenizer_config.json but missing")
+            raise InputNotFoundError(f"{tk_file}: declared by tokenizer_config.json but missing")
         special = {
             k: cfg[k]
             for k in ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token")
@@ -176,7 +178,7 @@ def load_tokenizer(model_dir: str):
     try:
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as e:
-        raise FileNotFoundError(f"{model_dir}: no loadable tokenizer ({e})") from e
+        raise InputNotFoundError(f"{model_dir}: no loadable tokenizer ({e})") from e
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -186,7 +188,7 @@ def encode(tokenizer, text: str) -> list[int]:
 
 def eos_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
-        raise ValueError(
+        raise CorpusError(
             "the tokenizer has no eos token; the pipeline needs one as the chunk separator"
         )
     return int(tokenizer.eos_token_id)

@@ -24,10 +24,12 @@ import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+from policylong.errors import OutputError, PolicyLongError
+
 UINT16_MAX_VOCAB = 65_500
 
 
-class StageDatasetError(ValueError):
+class StageDatasetError(PolicyLongError, ValueError):
     """A stage folder whose files do not match its manifest."""
 
 
@@ -40,6 +42,19 @@ def sha256_file(path: str) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    return h.hexdigest()
+
+
+def sha256_path(path: str) -> str:
+    """sha256 of a file, or of a folder's files (relative name and content, in name order)."""
+    if not os.path.isdir(path):
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for n in sorted(files):
+            full = os.path.join(root, n)
+            h.update(f"{os.path.relpath(full, path)}\0{sha256_file(full)}\n".encode())
     return h.hexdigest()
 
 
@@ -106,7 +121,7 @@ def write_stage_dataset(
 def commit(work_dir: str, final_dir: str) -> None:
     """Rename the completed ``.partial`` folder to its final name (atomic on one filesystem)."""
     if os.path.exists(final_dir):
-        raise FileExistsError(f"{final_dir} already exists")
+        raise OutputError(f"{final_dir} already exists")
     _fsync_dir(work_dir)
     os.replace(work_dir, final_dir)
     _fsync_dir(os.path.dirname(os.path.abspath(final_dir)))

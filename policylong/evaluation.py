@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from policylong import synthetic as syn
-from policylong.corpus import encode, eos_id, read_documents
+from policylong.corpus import CorpusError, encode, eos_id, read_documents
+from policylong.errors import ConfigError
 from policylong.kernels import fused_linear_stats
 from policylong.screening.entropy import gather_rows, root_entropies
 from policylong.synthetic import read_ground_truth
@@ -91,7 +92,7 @@ def build_probe(
     """One probe of about ``length`` tokens. With ``control`` the needles are replaced by
     filler of the same length (the queries stay)."""
     if task not in TASKS:
-        raise ValueError(f"evaluation task {task!r}: one of {TASKS}")
+        raise ConfigError(f"evaluation task {task!r}: one of {TASKS}")
     attrs = list(syn.ATTRIBUTES)
     if task == "variable_tracking":
         idx = rng.choice(len(lang.entities), size=VT_HOPS + 1, replace=False)
@@ -246,7 +247,7 @@ def planted_probes(
     }
     missing = [r for r in root_ids if r not in gt or r not in docs]
     if missing:
-        raise ValueError(f"{corpus_dir}: no root document / ground truth for {missing[:5]}")
+        raise CorpusError(f"{corpus_dir}: no root document / ground truth for {missing[:5]}")
     out = {}
     for length in lengths:
 
@@ -363,7 +364,7 @@ def heldout_documents(tok, n: int, seed: int = 0, path: str | None = None, max_t
     corpus at ``path`` (any format ``corpus.read_documents`` reads) or, without one, fresh
     texts of the embedded base model's pretraining distribution."""
     if n <= 0:
-        raise ValueError(f"held-out documents: n = {n} must be > 0")
+        raise ConfigError(f"held-out documents: n = {n} must be > 0")
     if path is not None:
         docs = read_documents(path)[:n]
         texts = [d.text for d in docs]
@@ -373,7 +374,7 @@ def heldout_documents(tok, n: int, seed: int = 0, path: str | None = None, max_t
         texts = [syn.training_text(rng, lang) for _ in range(n)]
     out = [encode(tok, t)[:max_tokens] for t in texts]
     if any(len(ids) == 0 for ids in out):
-        raise ValueError(f"{path or 'held-out documents'}: a document has no tokens")
+        raise CorpusError(f"{path or 'held-out documents'}: a document has no tokens")
     return out
 
 

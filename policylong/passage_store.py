@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .errors import PolicyLongError
+
 STORE = "passages.arrow"
 LOOKUP = "passages.ids.arrow"
 LEGACY = "passages.jsonl"
@@ -41,7 +43,7 @@ _SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
 _LOOKUP_SCHEMA = pa.schema([("id", pa.string()), ("row", pa.uint64())])
 
 
-class StoreError(RuntimeError):
+class StoreError(PolicyLongError, RuntimeError):
     """A passage store that is missing, corrupt, or holds a repeated passage id."""
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from policylong.errors import InputNotFoundError
+
 ASSET_DIR = os.path.join(os.path.dirname(__file__), "assets", "base_model")
 """The embedded tiny base model (weights, config, tokenizer), rebuilt by
 ``policylong pretrain-base --out policylong/assets/base_model``."""
@@ -15,7 +17,7 @@ ASSET_DIR = os.path.join(os.path.dirname(__file__), "assets", "base_model")
 
 def embedded_model_dir() -> str:
     if not os.path.isfile(os.path.join(ASSET_DIR, "model.safetensors")):
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{ASSET_DIR}: the embedded base model is missing; rebuild it with "
             "`policylong pretrain-base --out policylong/assets/base_model`"
         )
@@ -27,7 +29,7 @@ def resolve_model_path(path: str) -> str:
     if path == "embedded":
         return embedded_model_dir()
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: model directory not found")
+        raise InputNotFoundError(f"{path}: model directory not found")
     return path
 
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from policylong.corpus import encode, read_documents
 from policylong.datasets import load_manifest
+from policylong.errors import ConfigError, InputNotFoundError
 from policylong.evaluation import Probe, evaluate, evaluate_planted, planted_probes, score_probes
 from policylong.megatron_ext.checkpointing import read_meta
 from policylong.megatron_ext.lm import megatron_language_model
@@ -121,12 +122,12 @@ def loop_report(
     for p in presets:
         root = os.path.join(cfg.workdir, "runs", p)
         if not os.path.isfile(os.path.join(root, "loop.json")):
-            raise FileNotFoundError(f"{root}: no loop.json (run `policylong run` first)")
+            raise InputNotFoundError(f"{root}: no loop.json (run `policylong run` first)")
         runs[p] = _run_summary(root)
     corpus = read_documents(cfg.path(cfg.corpus.docs), cfg.corpus.id_field, cfg.corpus.text_field)
     held = heldout_roots(corpus, cfg.data.root_offset, list(runs.values()))[:max_probe_roots]
     if not held:
-        raise ValueError(
+        raise ConfigError(
             f"{cfg.path(cfg.corpus.docs)}: every root document was used for training; the "
             "report needs held-out roots (make the corpus larger than stages × roots_per_stage)"
         )

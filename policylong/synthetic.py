@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from policylong.errors import ConfigError
+
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<sep>"]
 
 _ONSETS = [
@@ -309,7 +311,7 @@ def generate_corpus(
     k_per_root = rng.integers(lo, hi + 1, size=num_roots)
     need = int(k_per_root.sum())
     if need + 16 > len(lang.entities):
-        raise ValueError(
+        raise ConfigError(
             f"synthetic corpus: {num_roots} roots need {need} distinct entities but the "
             f"language has {len(lang.entities)}; lower num_roots"
         )

@@ -36,6 +36,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from policylong.config import AlignConfig, Config
 from policylong.corpus import eos_id, load_tokenizer
+from policylong.errors import ModelError
 from policylong.kernels import fused_linear_policy
 from policylong.logs import MetricsLog, die_if, truncate_jsonl
 from policylong.megatron_ext.checkpointing import (
@@ -55,6 +56,7 @@ from policylong.megatron_ext.model import build_gpt_model, output_weight
 from policylong.megatron_ext.optim import build_optimizer, wrap_ddp, wrap_float16
 from policylong.megatron_ext.parallel import barrier, init_distributed, is_rank0
 from policylong.megatron_ext.step import broadcast_from_writer, is_metrics_writer
+from policylong.megatron_ext.train import check_finite_weights
 from policylong.paths import split_source
 from policylong.tasks import TaskError, generate_tasks, read_tasks, tasks_jsonl, write_tasks
 
@@ -378,7 +380,7 @@ def train_on(cfg: Config, ddp, model, opt, sched, batch: Batch, rows: list[int],
     )
     ok, grad_norm, _ = opt.step()
     if not ok:
-        raise RuntimeError("align: optimizer step skipped (inf/nan gradients)")
+        raise ModelError("align: optimizer step skipped (inf/nan gradients)")
     sched.step(increment=cfg.train.global_batch_size)
     tot = {k: sum(s[k] for s in ctx["sums"]) for k in ctx["sums"][0]} if ctx["sums"] else {}
     return tot, (float(grad_norm) if grad_norm is not None else None)
@@ -457,6 +459,7 @@ def run_align(cfg: Config) -> dict:
     if resume is None:
         path, it = split_source(cfg.model.path)
         load_start_weights(model, path, hf_cfg, it)
+        check_finite_weights(model, f"model.path = {cfg.model.path}")
     ref = Scorer(cfg, cfg.model.path, "reference", window) if a.ref_coef > 0 else None
 
     tcfg = replace(
@@ -471,6 +474,7 @@ def run_align(cfg: Config) -> dict:
     start = 0
     if resume is not None:
         start = int(load_checkpoint(ckpt, model, opt, sched)["iteration"])
+        check_finite_weights(model, ckpt)
         log.info("resumed %s at step %d", ckpt, start)
     else:
         write_meta(

@@ -19,6 +19,7 @@ from megatron.core import parallel_state as ps
 
 from policylong.config import AlignConfig, Config
 from policylong.corpus import context_token_id, encode, eos_id, load_tokenizer
+from policylong.errors import PolicyLongError
 from policylong.kernels import fused_linear_policy
 from policylong.megatron_ext.checkpointing import (
     TrainError,
@@ -28,13 +29,14 @@ from policylong.megatron_ext.checkpointing import (
 )
 from policylong.megatron_ext.generate import Samples, hidden_rows, sample
 from policylong.megatron_ext.model import build_gpt_model, output_weight
+from policylong.megatron_ext.train import check_finite_weights
 from policylong.paths import split_source
 from policylong.tasks import TaskRecord, family, reward
 
 from .objective import rollout_advantages
 
 
-class AlignError(ValueError):
+class AlignError(PolicyLongError, ValueError):
     """``policylong align`` cannot start: bad task file, teacher, start checkpoint or
     setting. Raised before any model work; the CLI prints it as one line."""
 
@@ -94,6 +96,7 @@ class Scorer:
             self.hf_cfg, model_options(cfg, path), max_seq_length=max_seq_length
         )
         load_start_weights(self.model, path, self.hf_cfg, it)
+        check_finite_weights(self.model, f"align.{role}: {src}")
         if self.model.config.bf16:  # what Float16Module does to the policy: every parameter
             self.model.bfloat16()  # (the local spec makes its norm weights float32)
         self.model.eval()

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import is_layer_window_attention
 
+from policylong.errors import ConfigError
+
 
 class SDPAttention(MegatronModule):
     """Drop-in ``core_attention`` for megatron-core's ``SelfAttention`` (local spec)."""
@@ -39,7 +41,7 @@ class SDPAttention(MegatronModule):
     ):
         super().__init__(config=config)
         if config.context_parallel_size > 1:
-            raise ValueError(
+            raise ConfigError(
                 "the sdpa layer spec does not support context parallelism; use train.layer_spec=te"
             )
         self.attn_mask_type = attn_mask_type

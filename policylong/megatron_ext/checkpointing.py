@@ -26,6 +26,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from policylong.config import Config
+from policylong.errors import PolicyLongError
 from policylong.paths import resolve_model_path, split_source
 
 from . import model as M
@@ -35,7 +36,7 @@ LATEST = "latest_checkpointed_iteration.txt"
 META = "policylong.json"
 
 
-class TrainError(ValueError):
+class TrainError(PolicyLongError, ValueError):
     """A training stage (or a conversion, export or load) cannot start: bad layout, checkpoint
     or data. Raised before step 1; the CLI prints it as one line."""
 

@@ -41,6 +41,8 @@ from megatron.core.optimizer import clip_grads
 from megatron.core.optimizer import optimizer as mc_optimizer
 from megatron.core.tensor_parallel import random as tp_random
 
+from policylong.errors import SetupError
+
 MEGATRON_CORE = "0.16.1"
 """The megatron-core release whose internals this layer patches (module names, private helpers,
 the optimizer's type checks); the ``cpu`` extra and CI pin it."""
@@ -214,7 +216,7 @@ def apply() -> bool:
     if torch.cuda.is_available():
         return False
     if megatron.core.__version__ != MEGATRON_CORE:
-        raise RuntimeError(
+        raise SetupError(
             f"megatron-core {megatron.core.__version__} is installed; running without CUDA "
             f"needs {MEGATRON_CORE}, the release whose internals policylong/megatron_ext/cpu.py "
             f"patches: pip install megatron-core=={MEGATRON_CORE} (or install policylong[cpu])"

@@ -60,6 +60,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from policylong.errors import InputNotFoundError, ModelError, PolicyLongError
+
 from . import gemma
 from .attention import SDPAttention
 
@@ -79,7 +81,7 @@ TOKENIZER_FILES = (
 )
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(PolicyLongError, ValueError):
     """A checkpoint's tensors do not fit the model built from the config."""
 
 
@@ -105,17 +107,17 @@ class ModelOptions:
 
     def __post_init__(self):
         if self.rotary_base is not None and not self.rotary_base > 0:
-            raise ValueError(f"model.rotary_base = {self.rotary_base}: must be > 0")
+            raise ModelError(f"model.rotary_base = {self.rotary_base}: must be > 0")
         if self.rope_scaling_factor is not None and not self.rope_scaling_factor >= 1.0:
-            raise ValueError(
+            raise ModelError(
                 f"model.rope_scaling_factor = {self.rope_scaling_factor}: must be >= 1"
             )
         if self.params_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(
+            raise ModelError(
                 f"model.params_dtype = {self.params_dtype!r}: float32, bfloat16 or float16"
             )
         if self.spec not in ("auto", "local", "sdpa", "te"):
-            raise ValueError(f"model.spec = {self.spec!r}: auto, local, sdpa or te")
+            raise ModelError(f"model.spec = {self.spec!r}: auto, local, sdpa or te")
 
 
 # -- HF config ---------------------------------------------------------------------------------
@@ -126,22 +128,22 @@ def read_hf_config(hf_dir: str) -> dict:
     settings megatron-core cannot express exactly (refused, naming the field)."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{hf_dir}: no config.json (not a Hugging Face model folder)")
+        raise InputNotFoundError(f"{hf_dir}: no config.json (not a Hugging Face model folder)")
     with open(path) as f:
         cfg = json.load(f)
     mt = cfg.get("model_type")
     if mt == "gemma3":
-        raise ValueError(
+        raise ModelError(
             f"{path}: model_type 'gemma3' is the multimodal Gemma 3; convert its text model "
             "(Gemma3ForCausalLM, model_type 'gemma3_text')"
         )
     if mt not in SUPPORTED:
-        raise ValueError(f"{path}: model_type {mt!r} is not supported (one of {SUPPORTED})")
+        raise ModelError(f"{path}: model_type {mt!r} is not supported (one of {SUPPORTED})")
     if cfg.get("use_sliding_window"):
-        raise ValueError(f"{path}: use_sliding_window = true is not supported")
+        raise ModelError(f"{path}: use_sliding_window = true is not supported")
     if mt in ("qwen3", "gemma3_text") and cfg.get("attention_bias"):
         # o_proj would carry a bias too, which the mapping does not hold
-        raise ValueError(f"{path}: attention_bias = true is not supported for {mt}")
+        raise ModelError(f"{path}: attention_bias = true is not supported for {mt}")
     if mt == "gemma3_text":
         _check_gemma3(cfg, path)
     return cfg
@@ -152,23 +154,23 @@ def _check_gemma3(cfg: dict, path: str) -> None:
         if cfg.get(key) is not None:
             # the fused entropy/policy kernels take softmax of the plain logits, and
             # megatron-core's attention has no soft-cap
-            raise ValueError(f"{path}: {key} = {cfg[key]} is not supported (must be null)")
+            raise ModelError(f"{path}: {key} = {cfg[key]} is not supported (must be null)")
     if cfg.get("use_bidirectional_attention"):
-        raise ValueError(f"{path}: use_bidirectional_attention = true is not supported")
+        raise ModelError(f"{path}: use_bidirectional_attention = true is not supported")
     act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
     if act != "gelu_pytorch_tanh":
-        raise ValueError(f"{path}: hidden_activation {act!r} is not supported (gelu_pytorch_tanh)")
+        raise ModelError(f"{path}: hidden_activation {act!r} is not supported (gelu_pytorch_tanh)")
     types = gemma3_layer_types(cfg)
     bad = sorted(set(types) - {"sliding_attention", "full_attention"})
     if bad:
-        raise ValueError(f"{path}: layer_types {bad} are not supported")
+        raise ModelError(f"{path}: layer_types {bad} are not supported")
     if "sliding_attention" in types and not cfg.get("sliding_window", 4096):
-        raise ValueError(
+        raise ModelError(
             f"{path}: sliding_window = {cfg.get('sliding_window')!r} with sliding layers"
         )
     local, _ = gemma3_ropes(cfg)
     if local[1] is not None:
-        raise ValueError(
+        raise ModelError(
             f"{path}: rope_parameters.sliding_attention: only the default RoPE type is supported"
         )
 
@@ -214,7 +216,7 @@ def _rope(cfg: dict) -> tuple[float, float | None]:
         return float(theta), None
     if kind == "linear":
         return float(theta), float(rp.get("factor", rs.get("factor")))
-    raise ValueError(
+    raise ModelError(
         f"config.json: rope type {kind!r} is not supported (default or linear); "
         "set model.rope_scaling_factor / model.rotary_base instead"
     )
@@ -252,20 +254,20 @@ def transformer_config(cfg: dict, opts: ModelOptions, tp: int = 1, pp: int = 1, 
     """A megatron-core ``TransformerConfig`` equal in function to the HF config."""
 
     if cfg.get("mlp_bias"):
-        raise ValueError("config.json: mlp_bias = true is not supported")
+        raise ModelError("config.json: mlp_bias = true is not supported")
     is_gemma = cfg["model_type"] == "gemma3_text"
     act = cfg.get("hidden_act", "silu")
     if not is_gemma and act != "silu":
-        raise ValueError(f"config.json: hidden_act {act!r} is not supported (silu)")
+        raise ModelError(f"config.json: hidden_act {act!r} is not supported (silu)")
     n_layers = int(cfg["num_hidden_layers"])
     if n_layers % pp != 0:
-        raise ValueError(
+        raise ModelError(
             f"num_hidden_layers = {n_layers} is not divisible by parallel.pipeline_parallel = {pp}"
         )
     heads = int(cfg["num_attention_heads"])
     groups = int(cfg.get("num_key_value_heads") or heads)
     if groups % tp != 0:
-        raise ValueError(
+        raise ModelError(
             f"num_key_value_heads = {groups} is not divisible by parallel.tensor_parallel = {tp}"
         )
     cuda = torch.cuda.is_available()
@@ -340,14 +342,14 @@ def _layer_spec(cfg: dict, opts: ModelOptions, cp: int = 1, pp: int = 1):
     if spec == "te" and gemma3 and opts.spec == "auto":
         spec = "sdpa"  # auto on a GPU with Transformer Engine: the closest spec Gemma 3 has
     if spec == "te" and gemma3:
-        raise ValueError(
+        raise ModelError(
             "model_type 'gemma3_text' needs its own layer modules (post-norms, two RoPE bases): "
             "train.layer_spec = te is not supported for it; use sdpa or local"
         )
     if spec == "te":
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk)
     if cp > 1:
-        raise ValueError(
+        raise ModelError(
             f"parallel.context_parallel = {cp} needs the Transformer Engine layer spec "
             "(train.layer_spec=te, on CUDA with transformer_engine installed)"
         )
@@ -423,7 +425,7 @@ class HFWeights:
             files = ["model.safetensors"]
             wm = None
         else:
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"{hf_dir}: no model.safetensors or model.safetensors.index.json"
             )
         self._handles = {fn: safe_open(os.path.join(hf_dir, fn), "pt") for fn in files}

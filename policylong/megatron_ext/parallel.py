@@ -19,6 +19,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from packaging.version import Version
 
 from policylong.config import ParallelConfig
+from policylong.errors import ConfigError
 
 from . import cpu
 
@@ -88,7 +89,7 @@ def init_distributed(par: ParallelConfig, seed: int = 1234, timeout_s: int = 600
     world = dist.get_world_size()
     dp = par.data_parallel(world)
     if par.context_parallel > 1 and not cuda:
-        raise ValueError(
+        raise ConfigError(
             f"parallel.context_parallel = {par.context_parallel}: context parallelism needs "
             "Transformer Engine and CUDA (set it to 1 on CPU)"
         )

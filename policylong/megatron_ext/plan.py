@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from policylong.config import Config
 from policylong.datasets import verify_stage_dataset
+from policylong.errors import ResumeError
 
 from . import model as M
 from .checkpointing import (
@@ -19,6 +20,7 @@ from .checkpointing import (
     is_megatron_checkpoint,
     latest_iteration,
     model_options,
+    read_meta,
     resolve_start,
 )
 
@@ -87,6 +89,38 @@ class StagePlan:
         return {f.name: d[f.name] for f in fields(self) if f.metadata.get("summary", True)}
 
 
+def check_resume_key(out: str, cfg: Config, stage_dirs, start: str, seq: int, steps: int):
+    """A checkpoint that has not reached its planned steps resumes only from the inputs it was
+    started with (what its ``policylong.json`` records: stage folders, start model, config
+    hash, sequence length, steps); else ``ResumeError`` names the input that changed. A
+    finished checkpoint is not trained again, so it is not checked."""
+    meta = read_meta(out)
+    it = latest_iteration(out) or 0
+    if it >= int(meta.get("train_steps", 1 << 62)):
+        return
+    now = {
+        "stage_dirs": ("the stage folders (--stage-dir)", [os.path.abspath(d) for d in stage_dirs]),
+        "start": (
+            "the start model (--from)",
+            os.path.abspath(start) if os.path.exists(start) else start,
+        ),
+        "config_hash": ("the config (its hash)", cfg.hash()),
+        "seq_length": ("data.seq_length", seq),
+        "train_steps": ("the planned steps", steps),
+    }
+    changed = [
+        f"{what}: {meta[k]!r} -> {v!r}" if k != "config_hash" else what
+        for k, (what, v) in now.items()
+        if k in meta and meta[k] != v
+    ]
+    if changed:
+        raise ResumeError(
+            f"{out}: a partly trained checkpoint (step {it} of {meta.get('train_steps')}) from "
+            f"other inputs; changed: {'; '.join(changed)}. Resuming would mix them: pass the "
+            "original inputs, or another --to to train anew"
+        )
+
+
 def plan_stage(
     cfg: Config, stage_dirs: list[str], start: str, out: str, world_size: int | None = None
 ) -> StagePlan:
@@ -144,6 +178,8 @@ def plan_stage(
     if is_megatron_checkpoint(out):
         check_compatible(out, hf_cfg)
     resume = latest_iteration(out) if is_megatron_checkpoint(out) else None
+    if is_megatron_checkpoint(out):
+        check_resume_key(out, cfg, stage_dirs, start, seq, steps)
     return StagePlan(
         world_size=world_size,
         tensor_parallel=par.tensor_parallel,

@@ -20,6 +20,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from policylong.config import Config
+from policylong.errors import ModelError
 
 from . import model as M
 
@@ -131,7 +132,7 @@ def train_step(
     lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it next)
     ok, grad_norm, _ = optimizer.step()
     if not ok:
-        raise RuntimeError(f"step {step + 1}: optimizer step skipped (inf/nan gradients)")
+        raise ModelError(f"step {step + 1}: optimizer step skipped (inf/nan gradients)")
     scheduler.step(increment=t.global_batch_size)
     return StepResult(
         loss=_mean_loss(losses),

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from policylong.config import Config
+from policylong.errors import ModelError
 from policylong.logs import MetricsLog
 
 from . import model as M
@@ -58,6 +59,22 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "H800": 989.0, 
 """Dense bf16 peak per GPU from the vendors' datasheets, for MFU (leads, not measurements)."""
 
 
+def check_finite_weights(model, src: str) -> None:
+    """Model sanity before training: every rank's parameters are finite (NaN weights would
+    train to NaN losses and save a NaN checkpoint). The flag is all-reduced so every rank
+    raises together instead of one hanging in the next collective."""
+    params = list(model.parameters())
+    bad = torch.zeros(1, device=params[0].device if params else "cpu")
+    for p in params:
+        if not torch.isfinite(p).all():
+            bad.fill_(1.0)
+            break
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() > 0:
+        raise ModelError(f"{src}: the model's weights hold NaN/inf; nothing was trained")
+
+
 def train_stage(
     cfg: Config,
     stage_dirs: list[str],
@@ -80,11 +97,13 @@ def train_stage(
     model = M.build_gpt_model(hf_cfg, opts, max_seq_length=seq)
     if plan.resume_from_step is None:
         load_start_weights(model, start, hf_cfg)
+        check_finite_weights(model, start)
     ddp = wrap_ddp(wrap_float16(model))
     opt, sched = build_optimizer(cfg, model, ddp, steps)
     state = {"iteration": 0, "consumed_samples": 0}
     if plan.resume_from_step is not None:
         state = load_checkpoint(out, model, opt, sched)
+        check_finite_weights(model, out)
         log.info("resumed %s at step %d", out, state["iteration"])
     else:
         write_meta(

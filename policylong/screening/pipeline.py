@@ -35,7 +35,9 @@ from tqdm import tqdm
 
 from policylong.config import Config
 from policylong.corpus import Document, context_token_id, encode, eos_id, read_documents
-from policylong.datasets import commit, load_manifest, write_stage_dataset
+from policylong.datasets import commit, load_manifest, sha256_path, write_stage_dataset
+from policylong.errors import ModelError, PolicyLongError, ResumeError
+from policylong.outputs import check_output, swap_in
 from policylong.retrieval import check_embedder
 from policylong.synthetic import planted_recovery
 
@@ -47,6 +49,10 @@ from .retrieve import fragment_text, rank_candidates, root_exclusions
 from .verify import verify_root
 
 log = logging.getLogger(__name__)
+
+RESUME_FORMAT = 2
+"""Version of the ``.partial`` folder's layout (progress lines, ``state.json``); a partial of
+another version is never resumed."""
 
 ROOTS_PER_BATCH = 16
 """Roots per screening batch (one progress line each): small enough that a killed run loses
@@ -89,7 +95,7 @@ def _replaced_counts(ok: list[dict]) -> dict:
     return {"negatives_replaced": out}
 
 
-class ScreeningError(ValueError):
+class ScreeningError(PolicyLongError, ValueError):
     """Input that cannot give a stage dataset (stops before any model work)."""
 
 
@@ -554,6 +560,86 @@ def aggregate_stats(records: list[dict], skipped_short: int, num_roots: int) -> 
     }
 
 
+_RESUME_INPUTS = {
+    "format": "the on-disk format version",
+    "config_hash": "the config (its hash)",
+    "model": "the model (its weights or checkpoint iteration)",
+    "corpus": "the corpus ({path})",
+    "index": "the passage index ({path})",
+    "roots": "the number of root documents",
+}
+"""Resume-key field -> the input it stands for, as a ResumeError names it."""
+
+
+def resume_key(cfg: Config, index, model_id: str, num_roots: int) -> dict:
+    """Every input a stage's batches depend on: a ``.partial`` folder is resumed only when
+    this is unchanged. The index is identified by what its meta.json records (the sha256 of
+    its files), the corpus by the sha256 of its documents."""
+    meta = getattr(index, "meta", {}) or {}
+    return {
+        "format": RESUME_FORMAT,
+        "config_hash": cfg.hash(),
+        "model": model_id,
+        "corpus": sha256_path(cfg.path(cfg.corpus.docs)),
+        "index": meta.get("sha256") or meta,
+        "roots": num_roots,
+        "corpus_path": cfg.path(cfg.corpus.docs),
+        "index_path": cfg.path(cfg.retrieval.index_dir),
+    }
+
+
+def changed_inputs(old: dict | None, new: dict) -> list[str]:
+    """The inputs (in words, with their paths) whose resume-key entries differ."""
+    if not isinstance(old, dict):
+        return ["the resume key (state.json is missing or unreadable)"]
+    return [
+        _RESUME_INPUTS[k].format(path=new.get(f"{k}_path", ""))
+        for k in _RESUME_INPUTS
+        if old.get(k) != new.get(k)
+    ]
+
+
+def non_finite(stats: dict, prefix: str = "") -> list[str]:
+    """The names of the NaN or infinite numbers in ``stats`` (nested dicts and lists)."""
+    bad = []
+    for k, v in stats.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            bad += non_finite(v, name + ".")
+        elif isinstance(v, (list, tuple)):
+            bad += [f"{name}[{i}]" for i, x in enumerate(v) if _nonfinite(x)]
+        elif _nonfinite(v):
+            bad.append(name)
+    return bad
+
+
+def _nonfinite(v) -> bool:
+    return isinstance(v, float) and not math.isfinite(v)
+
+
+def check_finite_model(lm, name: str = "the model", probe_len: int = 16) -> None:
+    """Model sanity before any screening: the output head's weights and the final hidden
+    states of a fixed probe batch (token ids 1..probe_len) are finite. A model with NaN
+    weights would otherwise screen to "no positives" (every entropy NaN). The flag is
+    all-reduced over the tensor-parallel group (each rank holds a slice of the head)."""
+    w = lm.head_weight()
+    vocab = int(getattr(lm, "vocab_size", w.shape[0]))
+    probe = (torch.arange(probe_len, device=w.device) % max(vocab - 1, 1) + 1).unsqueeze(0)
+    with torch.no_grad():
+        h = lm.final_hidden(probe)
+    ok = torch.tensor(
+        [float(torch.isfinite(w).all()), float(torch.isfinite(h).all())], device=w.device
+    )
+    if lm.tp_group is not None:
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN, group=lm.tp_group)
+    if ok[0] < 1:
+        raise ModelError(f"{name}: the output head's weights hold NaN/inf")
+    if ok[1] < 1:
+        raise ModelError(
+            f"{name}: the hidden states of a probe batch are NaN/inf (the weights hold NaN/inf)"
+        )
+
+
 def screen_stage(
     cfg: Config,
     lm,
@@ -566,24 +652,24 @@ def screen_stage(
     shard: Shard | None = None,
     on_batch: Callable[[int], None] | None = None,
     extra: dict | None = None,
+    model_id: str | None = None,
 ) -> dict:
     """Screen the configured roots and write the stage dataset to ``out_dir``.
 
     With ``shard`` (several processes), every process calls this with the same arguments; each
     screens its share of the batches and the leader writes the dataset. Every process returns
     the manifest. ``on_batch(b)`` is called once batch ``b`` is on disk; ``extra`` fields go
-    into the manifest."""
+    into the manifest; ``model_id`` identifies the model's weights for the resume key (default
+    ``model_desc``).
+
+    An existing ``out_dir`` is replaced only with ``overwrite`` and only once the new dataset is
+    complete; a ``.partial`` folder is resumed only when every input it was screened from (the
+    resume key: config, model, corpus, index, format) is unchanged, else ``ResumeError`` names
+    the input (``overwrite`` discards it instead)."""
 
     sh = shard or Shard()
-    if os.path.exists(out_dir):
-        if not overwrite:
-            raise FileExistsError(
-                f"{out_dir} already exists (a complete stage dataset); pass "
-                "--overwrite to rebuild it"
-            )
-        sh.barrier()  # every rank has seen it before the leader removes it
-        if sh.leader:
-            shutil.rmtree(out_dir)
+    replace = check_output(out_dir, "stage", overwrite=overwrite)
+    check_finite_model(lm, model_desc or "the model")
     t0 = time.time()
     tok = lm.tokenizer
     roots, skipped = load_roots(cfg, tok)
@@ -591,22 +677,33 @@ def screen_stage(
     partial = out_dir.rstrip("/") + ".partial"
     chash = cfg.hash()
     state_path = os.path.join(partial, "state.json")
-    state = {"config_hash": chash, "model": model_desc, "roots": len(roots)}
+    state = resume_key(cfg, index, model_id or model_desc, len(roots))
+    changed = []
+    if os.path.isdir(partial):  # every rank decides, from the same files, before any change
+        try:
+            with open(state_path) as f:
+                old = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            old = None
+        changed = changed_inputs(old, state)
+        # no key and no finished batch (killed before the key was written, or after the
+        # progress was merged): nothing to mix, start over
+        nothing_done = old is None and not _read_all_progress(partial)
+        if changed and not (overwrite or nothing_done):
+            raise ResumeError(
+                f"{partial}: left by a run from other inputs ({'; '.join(changed)} "
+                "changed); resuming would mix old and new batches. Remove that folder (or "
+                "pass --overwrite to `policylong screen`) to screen this stage anew"
+            )
+    sh.barrier()  # every rank has read the partial folder as it was
     if sh.leader:
-        if os.path.isdir(partial):
-            try:
-                with open(state_path) as f:
-                    old = json.load(f)
-            except (OSError, json.JSONDecodeError):
-                old = None
-            if old != state:
-                log.warning(
-                    "%s: left by a run with another config or model; starting over", partial
-                )
-                shutil.rmtree(partial)
+        if changed:
+            log.warning("%s: %s; starting over", partial, "; ".join(changed))
+            shutil.rmtree(partial)
         os.makedirs(partial, exist_ok=True)
-        with open(state_path, "w") as f:
+        with open(state_path + ".tmp", "w") as f:
             json.dump(state, f)
+        os.replace(state_path + ".tmp", state_path)
     sh.barrier()  # the partial folder is ready
     done = _read_all_progress(partial)
     sh.barrier()  # everyone agrees on what is done before anyone appends
@@ -644,6 +741,12 @@ def screen_stage(
         raise RuntimeError(f"{partial}: batches {missing[:5]} were not screened by any rank")
     records = [r for b in range(nb) for r in done[b]]
     stats = aggregate_stats(records, skipped["too_short"], len(roots) + skipped["too_short"])
+    bad = non_finite(stats)
+    if bad:
+        raise ModelError(
+            f"stage {cfg.stage}: screening statistics {', '.join(bad)} are not finite (NaN or "
+            f"inf): the model's entropies are not numbers; nothing was written to {out_dir}"
+        )
     ok = [r for r in records if r["status"] == "ok"]
     if not ok:
         reasons = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items() if v)
@@ -719,7 +822,10 @@ def screen_stage(
         if n.startswith("progress"):
             os.remove(os.path.join(partial, n))
     os.remove(state_path)
-    commit(partial, out_dir)
+    if replace:
+        swap_in(partial, out_dir)
+    else:
+        commit(partial, out_dir)
     log.info(
         "stage dataset written: %s (%d sequences x %d tokens, %.1fs)",
         out_dir,

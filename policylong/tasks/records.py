@@ -8,8 +8,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from policylong.errors import PolicyLongError
 
-class TaskError(ValueError):
+
+class TaskError(PolicyLongError, ValueError):
     """A task file or task name is unusable; raised before any model work, naming the file,
     row or value."""
 

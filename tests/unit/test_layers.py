@@ -24,6 +24,8 @@ LAYERS = [
         "policylong.corpus",
         "policylong.datasets",
         "policylong.passage_store",
+        "policylong.errors",
+        "policylong.outputs",
         "policylong.paths",
         "policylong.logs",
         "policylong.synthetic",

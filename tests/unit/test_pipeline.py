@@ -7,14 +7,19 @@ by the NLL guard (entropy falls, NLL rises), the sequence exactly L tokens with 
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from policylong.corpus import encode, read_documents
 from policylong.datasets import read_provenance, verify_stage_dataset
+from policylong.errors import ModelError, OutputError, ResumeError
 from policylong.screening import pipeline as pl
 
 
@@ -136,14 +141,129 @@ def test_killed_run_leaves_no_stage_folder_and_resumes(
     assert not os.path.exists(out + ".partial")
 
 
-def test_existing_stage_folder_is_not_overwritten(
-    tmp_path, make_cfg, synth_corpus, copy_model, index, embedder
+def _tree_hash(d) -> dict:
+    """relative path -> sha256 of every file under ``d`` (what a command must not touch)."""
+    out = {}
+    for root, _, files in os.walk(d):
+        for n in files:
+            p = os.path.join(root, n)
+            out[os.path.relpath(p, d)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def _interrupt_at(monkeypatch, batch: int):
+    """Screen_batch raises KeyboardInterrupt on its ``batch``-th call (1-based)."""
+    real = pl.Screener.screen_batch
+    calls = {"n": 0}
+
+    def dying(self, roots):
+        calls["n"] += 1
+        if calls["n"] == batch:
+            raise KeyboardInterrupt("killed mid-stage")
+        return real(self, roots)
+
+    monkeypatch.setattr(pl.Screener, "screen_batch", dying)
+    return real
+
+
+def test_existing_stage_folder_contract(
+    tmp_path, make_cfg, synth_corpus, copy_model, index, embedder, monkeypatch
 ):
-    cfg = make_cfg(tmp_path)
+    """An existing stage is refused without --overwrite; a folder that is not a stage dataset
+    is refused even with it (untouched); --overwrite swaps the new stage in only when it is
+    complete (an interrupted overwrite leaves the old one whole)."""
+    monkeypatch.setattr(pl, "ROOTS_PER_BATCH", 2)
+    cfg = make_cfg(tmp_path, **{"data.num_roots": 4})
     out = str(tmp_path / "st")
-    run(cfg, copy_model, index, embedder, out)
-    with pytest.raises(FileExistsError, match="already exists"):
+    first = run(cfg, copy_model, index, embedder, out)
+    with pytest.raises(OutputError, match=r"st: already holds a stage dataset; pass --overwrite"):
         run(cfg, copy_model, index, embedder, out)
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's own file")
+    for ow in (False, True):
+        with pytest.raises(
+            OutputError, match=r"mine: holds other files \(notes.txt\), not a stage"
+        ):
+            pl.screen_stage(cfg, copy_model, index, embedder, str(mine), overwrite=ow)
+    assert _tree_hash(mine) == {"notes.txt": hashlib.sha256(b"the user's own file").hexdigest()}
+    assert not os.path.exists(str(mine) + ".partial")
+
+    before = _tree_hash(out)
+    real = _interrupt_at(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        pl.screen_stage(cfg, copy_model, index, embedder, out, model_desc="copy", overwrite=True)
+    assert _tree_hash(out) == before  # the old stage is whole until the new one is complete
+    monkeypatch.setattr(pl.Screener, "screen_batch", real)
+    again = pl.screen_stage(
+        cfg, copy_model, index, embedder, out, model_desc="copy", overwrite=True, progress=False
+    )
+    assert again["sha256"] == first["sha256"]
+    assert sorted(os.listdir(tmp_path)) == ["mine", "st"]  # no .partial, .old or .lock left
+
+
+def test_resume_refused_when_an_input_changed(
+    tmp_path, make_cfg, synth_corpus, copy_model, index, embedder, monkeypatch
+):
+    """A .partial stage is resumed only from the inputs it was screened from: a changed
+    model, index, corpus text or config is refused, naming that input; the partial stays."""
+    monkeypatch.setattr(pl, "ROOTS_PER_BATCH", 2)
+    docs = tmp_path / "docs.jsonl"
+    shutil.copy(os.path.join(synth_corpus, "docs.jsonl"), docs)
+    cfg = make_cfg(tmp_path, **{"data.num_roots": 4, "corpus.docs": str(docs)})
+    out = str(tmp_path / "k")
+    _interrupt_at(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        pl.screen_stage(cfg, copy_model, index, embedder, out, model_desc="m", model_id="w1")
+    partial = _tree_hash(out + ".partial")
+
+    def resume(c=cfg, idx=index, model_id="w1"):
+        pl.screen_stage(c, copy_model, idx, embedder, out, model_desc="m", model_id=model_id)
+
+    with pytest.raises(ResumeError, match=r"k.partial: .*\(the model \(its weights"):
+        resume(model_id="w2")
+    other = copy.copy(index)
+    other.meta = {**index.meta, "sha256": {"faiss.index": "0" * 64}}
+    with pytest.raises(ResumeError, match=r"\(the passage index \(.*\) changed\)"):
+        resume(idx=other)
+    with pytest.raises(ResumeError, match=r"\(the config \(its hash\) changed\)"):
+        resume(c=make_cfg(tmp_path, **{"data.num_roots": 4, "corpus.docs": str(docs), "seed": 9}))
+    rows = [json.loads(ln) for ln in docs.read_text().splitlines()]
+    rows[0]["text"] = rows[0]["text"].replace(" .", " !", 1)  # one root's text edited
+    docs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ResumeError, match=r"\(the corpus \(.*docs.jsonl\) changed\)"):
+        resume()
+    assert _tree_hash(out + ".partial") == partial and not os.path.exists(out)
+    os.remove(os.path.join(out + ".partial", "state.json"))  # batches of unknown inputs
+    with pytest.raises(ResumeError, match=r"\(the resume key \(state.json is missing"):
+        resume()
+    for n in os.listdir(out + ".partial"):  # no key and no batch: nothing to mix
+        os.remove(os.path.join(out + ".partial", n))
+    resume()
+    assert os.path.isfile(os.path.join(out, "manifest.json"))
+
+
+def test_model_with_nan_weights_is_refused_before_screening(
+    tmp_path, make_cfg, copy_model, index, embedder
+):
+    """A model whose weights hold NaN is an error before any screening, not "no positives"
+    (and never a manifest holding NaN)."""
+    nan_model = copy.copy(copy_model)
+    nan_model.head_weight = lambda: torch.full((copy_model.V, copy_model.V), float("nan"))
+    cfg = make_cfg(tmp_path, **{"data.num_roots": 2})
+    with pytest.raises(ModelError, match="nan-model: the output head's weights hold NaN"):
+        pl.screen_stage(cfg, nan_model, index, embedder, str(tmp_path / "s"), "nan-model")
+    real = copy_model.final_hidden
+    nan_model = copy.copy(copy_model)
+    nan_model.final_hidden = lambda t: real(t) * float("nan")
+    with pytest.raises(ModelError, match="hidden states of a probe batch are NaN"):
+        pl.screen_stage(cfg, nan_model, index, embedder, str(tmp_path / "s"), "nan-model")
+    assert os.listdir(tmp_path) == []
+    assert pl.non_finite({"a": 1.0, "b": {"c": float("nan"), "d": [0.5, float("inf")]}}) == [
+        "b.c",
+        "b.d[1]",
+    ]
 
 
 def test_entropylong_and_nextlong_modes(

@@ -319,3 +319,59 @@ def test_stage_plan_of_a_run_to_resume(stage, tmp_path, monkeypatch):
     assert p.resume_from_step == 2 and p.world_size == 1
     assert p.model_options.rotary_base == 5e4
     assert p.summary()["model_options"]["rotary_base"] == 5e4
+
+
+def test_nan_weights_refused_before_training():
+    """Model sanity before a training stage: NaN or inf anywhere in the weights is a
+    ModelError naming the source; finite weights pass."""
+    import torch
+
+    from policylong.errors import ModelError
+    from policylong.megatron_ext.train import check_finite_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    check_finite_weights(model, "ok")
+    for bad in (float("nan"), float("inf")):
+        with torch.no_grad():
+            model[1].bias[1] = bad
+        with pytest.raises(ModelError, match="ckpt_3: the model's weights hold NaN/inf"):
+            check_finite_weights(model, "ckpt_3")
+
+
+def test_partly_trained_checkpoint_resumes_only_from_its_inputs(stage, tmp_path, monkeypatch):
+    """A checkpoint short of its planned steps resumes only with the stage folders, start
+    model, config and steps it was started with (its policylong.json); a change is refused
+    naming it. A finished one is not trained again, so it is not checked."""
+    import shutil
+
+    from policylong.errors import ResumeError
+    from policylong.paths import resolve_model_path
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    hf = M.read_hf_config(resolve_model_path("embedded"))
+    ck = tmp_path / "ck"
+    c = cfg(**{"train.train_steps": 4})
+    key = {
+        "start": "embedded",
+        "stage_dirs": [os.path.abspath(stage)],
+        "seq_length": 48,
+        "train_steps": 4,
+        "config_hash": c.hash(),
+    }
+    C.write_meta(str(ck), hf, M.ModelOptions(), None, key)
+    (ck / C.LATEST).write_text("2")
+    assert plan_stage(c, [stage], "embedded", str(ck)).resume_from_step == 2
+    other = tmp_path / "other"
+    shutil.copytree(stage, other)
+    with pytest.raises(
+        ResumeError,
+        match=r"ck: a partly trained checkpoint \(step 2 of 4\).*"
+        r"the stage folders \(--stage-dir\)",
+    ):
+        plan_stage(c, [str(other)], "embedded", str(ck))
+    with pytest.raises(ResumeError, match=r"changed: the config \(its hash\)\. Resuming"):
+        plan_stage(cfg(**{"train.train_steps": 4, "seed": 9}), [stage], "embedded", str(ck))
+    with pytest.raises(ResumeError, match=r"the planned steps: 4 -> 5"):
+        plan_stage(cfg(**{"train.train_steps": 5}), [stage], "embedded", str(ck))
+    (ck / C.LATEST).write_text("4")  # finished: a rerun skips it, whatever it is given
+    assert plan_stage(c, [str(other)], "embedded", str(ck)).resume_from_step == 4

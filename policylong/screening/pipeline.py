@@ -475,17 +475,22 @@ def load_roots(cfg: Config, tokenizer) -> tuple[list[Root], dict[str, int]]:
         roots.append(Root(i, docs[i], toks))
     if short_ids:
         log.warning(
-            "%s: %d documents shorter than %d tokens (2*window+1 = %d) are skipped: %s",
+            "%s: %d documents shorter than %d tokens (2*window+1 = %d, min_context+1 = %d, "
+            "min_root_tokens = %d) are skipped: %s",
             path,
             len(short_ids),
             sc.min_tokens,
             2 * sc.window + 1,
+            sc.min_context + 1,
+            sc.min_root_tokens,
             ", ".join(short_ids[:5]) + (" ..." if len(short_ids) > 5 else ""),
         )
     if not roots:
         raise ScreeningError(
-            f"{path}: no root document has the {sc.min_tokens} tokens a query window "
-            f"(screening.window={sc.window}) needs"
+            f"{path}: no root document has the {sc.min_tokens} tokens screening needs "
+            f"(a query window, screening.window={sc.window}: {2 * sc.window + 1}; a position "
+            f"with context, screening.min_context={sc.min_context}: {sc.min_context + 1}; "
+            f"screening.min_root_tokens={sc.min_root_tokens})"
         )
     return roots, skipped
 

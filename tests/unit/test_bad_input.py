@@ -84,8 +84,9 @@ def test_documents_shorter_than_the_query_window(
     cfg = make_cfg(tmp_path, **{"corpus.docs": str(docs)})
     with pytest.raises(
         pl.ScreeningError,
-        match=r"short.jsonl: no root document has the 25 "
-        r"tokens a query window \(screening.window=12\)",
+        match=r"short.jsonl: no root document has the 33 tokens screening needs "
+        r"\(a query window, screening.window=12: 25; a position with context, "
+        r"screening.min_context=32: 33",
     ):
         pl.screen_stage(cfg, copy_model, index, embedder, str(tmp_path / "s"), progress=False)
     assert not os.path.exists(tmp_path / "s")

@@ -231,7 +231,9 @@ def _table(rows, evals, kept, fams, lengths) -> None:
 
 def _reach_table(rows, reach: float, steps: int) -> None:
     print(f"\nsteps to reach greedy accuracy {reach:.3f} (first length; '>{steps}': not reached)")
-    print("| preset | " + " | ".join(f"seed {r['seed']}" for r in rows[:1]) + " |")
+    seeds = [r["seed"] for r in rows if r["preset"] == rows[0]["preset"]]
+    print("| preset | " + " | ".join(f"seed {s}" for s in seeds) + " |")
+    print("|---" * (1 + len(seeds)) + "|")
     for p in dict.fromkeys(r["preset"] for r in rows):
         rs = [r for r in rows if r["preset"] == p]
         cells = [str(r["steps_to_reach"] or f">{steps}") for r in rs]

@@ -190,21 +190,7 @@ class Screener:
             }
             positives, rejected, rejected_rows = [], [], set()
             if sc.verify:
-                verdicts = verify_root(
-                    self.lm,
-                    r.tokens,
-                    pos,
-                    h0,
-                    nll0,
-                    cands.rows,
-                    [self.passage_tokens(c) for c in cands.rows],
-                    self.ctx_id,
-                    self.sep,
-                    self.pad_id,
-                    self.cfg.model.batch_size,
-                    sc.tau_pos,
-                    sc.nll_margin,
-                )
+                verdicts = self._verify(r, pos, h0, nll0, cands.rows)
                 for v in verdicts:
                     mask = v.by_guard if sc.nll_guard else v.by_entropy
                     if mask.any():
@@ -224,21 +210,7 @@ class Screener:
                 rec["stats"]["candidate_forwards"] = len(verdicts)
                 if sc.control_passages:
                     ctrl = self._control_rows(r, excl | set(cands.rows))
-                    cv = verify_root(
-                        self.lm,
-                        r.tokens,
-                        pos,
-                        h0,
-                        nll0,
-                        ctrl,
-                        [self.passage_tokens(c) for c in ctrl],
-                        self.ctx_id,
-                        self.sep,
-                        self.pad_id,
-                        self.cfg.model.batch_size,
-                        sc.tau_pos,
-                        sc.nll_margin,
-                    )
+                    cv = self._verify(r, pos, h0, nll0, ctrl)
                     rec["stats"]["control_forwards"] = len(cv)
                     rec["stats"]["control_accepted"] = sum(v.positive(sc.nll_guard) for v in cv)
             # strongest evidence first; keep the positives that fit in front of A
@@ -312,6 +284,26 @@ class Screener:
         rec["stats"]["depth_k"] = depth
         return rec
 
+    def _verify(self, r: Root, pos, h0, nll0, rows: list[int]):
+        """``verify_root`` of passage ``rows`` against root ``r`` at positions ``pos``, by the
+        configured criterion (candidates, the random control and checked negatives alike)."""
+        sc = self.sc
+        return verify_root(
+            self.lm,
+            r.tokens,
+            pos,
+            h0,
+            nll0,
+            rows,
+            [self.passage_tokens(c) for c in rows],
+            self.ctx_id,
+            self.sep,
+            self.pad_id,
+            self.cfg.model.batch_size,
+            sc.tau_pos,
+            sc.nll_margin,
+        )
+
     def _control_rows(self, r: Root, exclude: set[int]) -> list[int]:
         """``screening.control_passages`` random passages that are neither the root's own nor
         its candidates, from a stream of their own (the root's draws are unchanged); drawn by
@@ -369,21 +361,7 @@ class Screener:
         replaced, rng = [], np.random.default_rng([self.cfg.seed, self.cfg.stage, 7, len(negs)])
         fresh = list(negs)
         for _ in range(VERIFY_ROUNDS):
-            verdicts = verify_root(
-                self.lm,
-                r.tokens,
-                pos,
-                h0,
-                nll0,
-                fresh,
-                [self.passage_tokens(c) for c in fresh],
-                self.ctx_id,
-                self.sep,
-                self.pad_id,
-                self.cfg.model.batch_size,
-                sc.tau_pos,
-                sc.nll_margin,
-            )
+            verdicts = self._verify(r, pos, h0, nll0, fresh)
             bad = {}
             for v in verdicts:  # a wrong-value twin also lowers ΔH: contradiction comes first
                 if (v.nll_drop < -sc.contradiction_margin).any():

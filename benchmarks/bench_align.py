@@ -77,7 +77,7 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-    from rows import RESULTS, run_meta
+    from rows import append_rows, run_meta
 
     from policylong.align.evaluate import plot_eval, retention, task_accuracy
     from policylong.align.loop import run_align
@@ -181,9 +181,7 @@ def main() -> None:
                 "start": a.start,
             }
         )
-    with open(RESULTS, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    append_rows(rows)
     out = {"evals": evals, "retention": kept, "reach": reach, "rows": rows}
     with open(os.path.join(a.workdir, "align_compare.json"), "w") as f:
         json.dump(out, f, indent=2)

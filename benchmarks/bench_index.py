@@ -24,7 +24,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rows import RESULTS, run_meta  # noqa: E402
+from rows import append_rows, run_meta  # noqa: E402
 
 PER_TOPIC, TOPIC_WORDS, COMMON_WORDS, WORDS = 10, 60, 5000, 40
 
@@ -288,11 +288,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         shutil.rmtree(wd, ignore_errors=True)
     if not a.no_save:
-        meta = run_meta("index", cuda=False)
-        with open(RESULTS, "a") as f:
-            for r in rows:
-                f.write(json.dumps({**meta, **r}) + "\n")
-        print(f"appended {len(rows)} rows to {RESULTS}")
+        append_rows(rows, run_meta("index", cuda=False))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ import time
 
 VOCAB = 151_936
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results.jsonl")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rows import append_rows  # noqa: E402
 
 
 def bench_entropy(ns, ds, v, dtype, device):
@@ -131,11 +132,7 @@ def main() -> None:
     if args.part in ("screening", "all"):
         rows += bench_screening(args.roots, args.seq_length)
     if not args.no_save:
-        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-        with open(RESULTS, "a") as f:
-            for r in rows:
-                f.write(json.dumps({**meta, **r}) + "\n")
-        print(f"appended {len(rows)} rows to {RESULTS}")
+        append_rows(rows, meta)
 
 
 if __name__ == "__main__":

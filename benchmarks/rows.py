@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import datetime
+import json
 import multiprocessing as mp
 import os
 import platform
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.jsonl")
 """Every benchmark appends its JSON rows here."""
+
+
+def append_rows(rows: list[dict], meta: dict | None = None) -> None:
+    """Append ``rows`` (each after ``meta``'s fields) to ``RESULTS`` and say so."""
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "a") as f:
+        for r in rows:
+            f.write(json.dumps({**(meta or {}), **r}) + "\n")
+    print(f"appended {len(rows)} rows to {RESULTS}")
 
 
 def status_mb(key: str) -> float:
